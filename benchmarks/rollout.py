@@ -1,0 +1,245 @@
+"""Generated tokens/s of `gradflow.rollout.generate` against HF `generate`, in the same run.
+
+Both sides get identical random weights (an HF model of the config is built, written with
+`save_pretrained` and read back with `gradflow.models.load_hf`), the same batch of prompts, sample
+at temperature 1 (no top-k/top-p) and generate exactly `--new-tokens` tokens per row (no early EOS:
+gradflow gets no EOS ids, HF gets `min_new_tokens=new_tokens`). Timings are the median of
+`--repeats` runs after one warm-up run; gradflow's compile time is reported separately.
+
+Imports only `gradflow.models` and `gradflow.rollout` from gradflow (plus torch/transformers for
+the baseline), so it runs in a minimal GPU image.
+
+    python benchmarks/rollout.py --batch 16 --prompt-len 32 --new-tokens 64
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# Share the GPU with torch instead of preallocating most of it for JAX.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from gradflow.models import ModelConfig, init_from_config, load_hf, save_hf  # noqa: E402
+from gradflow.rollout import generate  # noqa: E402
+
+# A small Qwen2 shape with Qwen's real vocabulary (overridable with --vocab).
+DEFAULT_CONFIG = {
+    "architectures": ["Qwen2ForCausalLM"],
+    "model_type": "qwen2",
+    "vocab_size": 151646,
+    "hidden_size": 128,
+    "intermediate_size": 384,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "hidden_act": "silu",
+    "max_position_embeddings": 32768,
+    "rope_theta": 1000000.0,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True,
+    "use_sliding_window": False,
+    "initializer_range": 0.02,
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, help="an HF config.json (default: small Qwen2)")
+    parser.add_argument("--vocab", type=int, help="override the config's vocab_size")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs after one warm-up")
+    parser.add_argument("--skip-hf", action="store_true", help="time gradflow only")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="CPU threads for both sides (process affinity + torch threads); 0 leaves them as is",
+    )
+    parser.add_argument(
+        "--roofline", type=float, help="ideal tokens/s: also print gradflow's fraction of it"
+    )
+    parser.add_argument("--out", type=Path, help="also write the table (and JSON) to this folder")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def hf_config_dict(args: argparse.Namespace) -> dict:
+    config = dict(DEFAULT_CONFIG) if args.config is None else json.loads(args.config.read_text())
+    if args.vocab is not None:
+        config["vocab_size"] = args.vocab
+    return config
+
+
+def timed(fn, repeats: int) -> tuple[float, list[float]]:
+    """Wall time of a first (warm-up / compiling) call and of `repeats` further calls."""
+    start = time.perf_counter()
+    fn(0)
+    first = time.perf_counter() - start
+    times = []
+    for i in range(repeats):
+        start = time.perf_counter()
+        fn(i + 1)
+        times.append(time.perf_counter() - start)
+    return first, times
+
+
+def bench_gradflow(model, prompt_ids, args) -> dict:
+    ids = jnp.asarray(prompt_ids)
+    mask = jnp.ones_like(ids)
+
+    def run(seed: int):
+        completions = generate(
+            model,
+            ids,
+            mask,
+            key=jax.random.key(args.seed + seed),
+            max_new_tokens=args.new_tokens,
+            temperature=1.0,
+            eos_token_ids=(),
+        )
+        lengths = np.asarray(jax.block_until_ready(completions.lengths))
+        assert (lengths == args.new_tokens).all(), "gradflow generated fewer tokens than asked"
+
+    first, times = timed(run, args.repeats)
+    median = statistics.median(times)
+    return {"first_s": first, "compile_s": max(first - median, 0.0), "times_s": times}
+
+
+def bench_hf(hf_model, prompt_ids, args, torch, device) -> dict:
+    ids = torch.as_tensor(prompt_ids, dtype=torch.long, device=device)
+    mask = torch.ones_like(ids)
+    eos = int(hf_model.config.eos_token_id or 0) if hf_model.config.eos_token_id is not None else 0
+
+    def run(seed: int):
+        torch.manual_seed(args.seed + seed)
+        with torch.inference_mode():
+            out = hf_model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=args.new_tokens,
+                min_new_tokens=args.new_tokens,
+                eos_token_id=eos,
+                pad_token_id=0,
+            )
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        assert out.shape[1] == ids.shape[1] + args.new_tokens, "HF generated a different length"
+
+    first, times = timed(run, args.repeats)
+    return {"first_s": first, "times_s": times}
+
+
+def build_models(args, config_dict: dict, workdir: Path):
+    """The gradflow model and (unless --skip-hf) the HF model, with identical random weights."""
+    dtype = jnp.dtype(args.dtype)
+    if args.skip_hf:
+        model = init_from_config(config_dict, key=jax.random.key(args.seed), dtype=dtype)
+        save_hf(model, workdir)  # round trip through the same loader as with HF weights
+        return load_hf(workdir, dtype=dtype), None, None, None
+    import torch
+    import transformers
+
+    torch.manual_seed(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    config = transformers.AutoConfig.for_model(**config_dict)
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    with device:
+        hf_model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    hf_model.eval()
+    hf_model.save_pretrained(workdir)
+    return load_hf(workdir, dtype=dtype), hf_model, torch, device
+
+
+def table(results: dict, args, config: ModelConfig, tokens: int) -> str:
+    rows = [
+        f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), dtype {args.dtype}, "
+        f"threads {args.threads or 'default'}",
+        f"model: {config.model_type} layers={config.num_layers} hidden={config.hidden_size} "
+        f"heads={config.num_heads}/{config.num_kv_heads} vocab={config.vocab_size} "
+        f"params={config.num_parameters / 1e6:.1f}M",
+        f"batch={args.batch} prompt_len={args.prompt_len} new_tokens={args.new_tokens} "
+        f"repeats={args.repeats} (median after 1 warm-up)",
+        "",
+        "| implementation | first call s | compile s | median s | min s | tokens/s | speedup |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    gf_rate = tokens / statistics.median(results["gradflow"]["times_s"])
+    for name, result in results.items():
+        median = statistics.median(result["times_s"])
+        rate = tokens / median
+        compile_s = f"{result['compile_s']:.2f}" if "compile_s" in result else "-"
+        speedup = f"{gf_rate / rate:.1f}x" if name == "gradflow" and "hf" in results else "1.0x"
+        if name == "gradflow" and "hf" not in results:
+            speedup = "-"
+        rows.append(
+            f"| {name} | {result['first_s']:.2f} | {compile_s} | {median:.3f} | "
+            f"{min(result['times_s']):.3f} | {rate:,.0f} | {speedup} |"
+        )
+    if "hf" in results:
+        hf_rate = tokens / statistics.median(results["hf"]["times_s"])
+        rows.append("")
+        rows.append(f"gradflow / HF: {gf_rate / hf_rate:.1f}x")
+    if args.roofline:
+        rows.append(
+            f"roofline: {gf_rate:,.0f} / {args.roofline:,.0f} tokens/s = "
+            f"{gf_rate / args.roofline:.1%}"
+        )
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads > 0:
+        if hasattr(os, "sched_setaffinity"):
+            cpus = sorted(os.sched_getaffinity(0))[: args.threads]
+            os.sched_setaffinity(0, cpus)
+    config_dict = hf_config_dict(args)
+    config = ModelConfig.from_hf(config_dict)
+    rng = np.random.default_rng(args.seed)
+    prompt_ids = rng.integers(0, config.vocab_size, (args.batch, args.prompt_len), dtype=np.int32)
+    tokens = args.batch * args.new_tokens
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model, hf_model, torch, device = build_models(args, config_dict, Path(tmp))
+    if torch is not None and args.threads > 0:
+        torch.set_num_threads(args.threads)
+
+    results = {}
+    if hf_model is not None:
+        print("timing HF generate ...", file=sys.stderr, flush=True)
+        results["hf"] = bench_hf(hf_model, prompt_ids, args, torch, device)
+        del hf_model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print("timing gradflow generate ...", file=sys.stderr, flush=True)
+    results = {"gradflow": bench_gradflow(model, prompt_ids, args), **results}
+
+    text = table(results, args, config, tokens)
+    print(text)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        stem = f"rollout_{jax.default_backend()}_{args.dtype}_b{args.batch}"
+        (args.out / f"{stem}.md").write_text(text + "\n")
+        record = {"args": {k: str(v) for k, v in vars(args).items()}, "results": results}
+        (args.out / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,17 @@
+"""The Qwen2/Llama decoder in equinox, its KV cache and HF checkpoint I/O."""
+
+from .config import ModelConfig
+from .decoder import Decoder, positions_from_mask
+from .hf_io import CheckpointError, init_from_config, load_hf, save_hf
+from .kv_cache import KVCache
+
+__all__ = [
+    "CheckpointError",
+    "Decoder",
+    "KVCache",
+    "ModelConfig",
+    "init_from_config",
+    "load_hf",
+    "positions_from_mask",
+    "save_hf",
+]

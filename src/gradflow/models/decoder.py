@@ -1,0 +1,254 @@
+"""The Qwen2/Llama decoder: embeddings, `lax.scan` over stacked layers, final norm, LM head.
+
+Positions come from the attention mask (`cumsum(mask) - 1`), so a left-padded row gets exactly
+the logits it would get alone. The same layers serve three entry points: a full forward pass
+(`__call__`, `hidden_states`), a prefill that fills a KV cache, and a one-token decode step.
+"""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+
+from .config import ModelConfig
+from .kv_cache import KVCache
+from .layers import DecoderLayer, attend, rms_norm
+from .rope import rotary_tables
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def positions_from_mask(
+    mask: Bool[Array, "batch time"] | Int[Array, "batch time"],
+) -> Int[Array, "batch time"]:
+    """Token positions for a (left-)padded batch: `max(cumsum(mask) - 1, 0)`.
+
+    **Arguments:**
+
+    - `mask`: 1 on real tokens.
+
+    **Returns:**
+
+    The position of each token (padding gets 0).
+    """
+    return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+class Decoder(eqx.Module):
+    """A causal language model of the Qwen2/Llama family.
+
+    Parameters are stored in `param_dtype` (whatever they were created or loaded with) and cast to
+    `compute_dtype` layer by layer; norms, RoPE, softmax statistics and logits are float32.
+    """
+
+    embed: Float[Array, "vocab hidden"]
+    layers: DecoderLayer
+    final_norm: Float[Array, " hidden"]
+    lm_head: Float[Array, "vocab hidden"] | None
+    config: ModelConfig = eqx.field(static=True)
+    compute_dtype: str = eqx.field(static=True, default="float32")
+    remat: str = eqx.field(static=True, default="none")
+    attention_impl: str | None = eqx.field(static=True, default=None)
+
+    def __check_init__(self):
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
+        if self.config.tie_word_embeddings != (self.lm_head is None):
+            raise ValueError("lm_head must be None exactly when tie_word_embeddings is true")
+
+    @staticmethod
+    def init(config: ModelConfig, *, key: PRNGKeyArray, dtype=jnp.float32) -> "Decoder":
+        """Random weights with the config's shapes.
+
+        **Arguments:**
+
+        - `config`: the model config.
+        - `key`: PRNG key.
+        - `dtype`: parameter (and compute) dtype.
+
+        **Returns:**
+
+        A `Decoder`.
+        """
+        k_embed, k_layers, k_head = jax.random.split(key, 3)
+        shape = (config.vocab_size, config.hidden_size)
+        embed = (0.02 * jax.random.normal(k_embed, shape, jnp.float32)).astype(dtype)
+        layer_keys = jax.random.split(k_layers, config.num_layers)
+        layers = eqx.filter_vmap(lambda k: DecoderLayer.init(config, key=k, dtype=dtype))(
+            layer_keys
+        )
+        head = None
+        if not config.tie_word_embeddings:
+            head = (0.02 * jax.random.normal(k_head, shape, jnp.float32)).astype(dtype)
+        return Decoder(
+            embed=embed,
+            layers=layers,
+            final_norm=jnp.ones((config.hidden_size,), dtype),
+            lm_head=head,
+            config=config,
+            compute_dtype=jnp.dtype(dtype).name,
+        )
+
+    @property
+    def head_weight(self) -> Float[Array, "vocab hidden"]:
+        """The LM head matrix (the embedding when tied)."""
+        return self.embed if self.lm_head is None else self.lm_head
+
+    def _embed(self, input_ids: Int[Array, "batch time"]) -> Float[Array, "batch time hidden"]:
+        return self.embed[input_ids].astype(self.compute_dtype)
+
+    def _scan_layers(self, body, carry, extra_xs=None):
+        policy = REMAT_POLICIES[self.remat]
+        if self.remat != "none":
+            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+        xs = self.layers if extra_xs is None else (self.layers, extra_xs)
+        carry, _ = jax.lax.scan(body, carry, xs)
+        return carry
+
+    def hidden_states(
+        self,
+        input_ids: Int[Array, "batch time"],
+        attention_mask: Bool[Array, "batch time"] | Int[Array, "batch time"],
+    ) -> Float[Array, "batch time hidden"]:
+        """The final-normed hidden states of a full forward pass (no cache).
+
+        **Arguments:**
+
+        - `input_ids`: token ids (left padding allowed).
+        - `attention_mask`: 1 on real tokens.
+
+        **Returns:**
+
+        Hidden states in `compute_dtype`.
+        """
+        config = self.config
+        positions = positions_from_mask(attention_mask)
+        cos, sin = rotary_tables(config, positions)
+        b, t = input_ids.shape
+        query_index = jnp.broadcast_to(jnp.arange(t), (b, t))
+        key_valid = attention_mask.astype(bool)
+
+        def body(h, layer):
+            q, k, v = layer.qkv(h, cos, sin, config)
+            out = attend(q, k, v, query_index, key_valid, self.attention_impl)
+            return layer.finish(h, out, config), None
+
+        h = self._scan_layers(body, self._embed(input_ids))
+        return rms_norm(h, self.final_norm, config.rms_norm_eps)
+
+    def logits(self, hidden: Float[Array, "*batch hidden"]) -> Float[Array, "*batch vocab"]:
+        """Float32 logits of hidden states (the matmul runs in the compute dtype).
+
+        **Arguments:**
+
+        - `hidden`: final-normed hidden states.
+
+        **Returns:**
+
+        Logits over the vocabulary.
+        """
+        head = self.head_weight.astype(hidden.dtype)
+        return jnp.einsum("...d,vd->...v", hidden, head, preferred_element_type=jnp.float32)
+
+    def __call__(
+        self,
+        input_ids: Int[Array, "batch time"],
+        attention_mask: Bool[Array, "batch time"] | Int[Array, "batch time"],
+    ) -> Float[Array, "batch time vocab"]:
+        """Logits of every position.
+
+        **Arguments:**
+
+        - `input_ids`: token ids (left padding allowed).
+        - `attention_mask`: 1 on real tokens.
+
+        **Returns:**
+
+        Float32 logits.
+        """
+        return self.logits(self.hidden_states(input_ids, attention_mask))
+
+    def prefill(
+        self,
+        input_ids: Int[Array, "batch time"],
+        attention_mask: Bool[Array, "batch time"] | Int[Array, "batch time"],
+        cache_size: int,
+    ) -> tuple[Float[Array, "batch hidden"], KVCache]:
+        """Runs the prompt and fills slots `0 … time-1` of a new KV cache.
+
+        **Arguments:**
+
+        - `input_ids`: left-padded prompt ids.
+        - `attention_mask`: 1 on real prompt tokens.
+        - `cache_size`: the number of slots (prompt length plus tokens to generate).
+
+        **Returns:**
+
+        `(hidden, cache)`: the final-normed hidden state of the last prompt slot and the cache.
+        """
+        config = self.config
+        b, t = input_ids.shape
+        cache = KVCache.empty(config, b, cache_size, self.compute_dtype, attention_mask)
+        positions = positions_from_mask(attention_mask)
+        cos, sin = rotary_tables(config, positions)
+        query_index = jnp.broadcast_to(jnp.arange(t), (b, t))
+        key_valid = attention_mask.astype(bool)
+
+        def body(carry, xs):
+            h, keys, values = carry
+            layer, index = xs
+            q, k, v = layer.qkv(h, cos, sin, config)
+            out = attend(q, k, v, query_index, key_valid, self.attention_impl)
+            keys = jax.lax.dynamic_update_slice(keys, k[None], (index, 0, 0, 0, 0))
+            values = jax.lax.dynamic_update_slice(values, v[None], (index, 0, 0, 0, 0))
+            return (layer.finish(h, out, config), keys, values), None
+
+        carry = (self._embed(input_ids), cache.keys, cache.values)
+        h, keys, values = self._scan_layers(body, carry, jnp.arange(config.num_layers))
+        hidden = rms_norm(h[:, -1], self.final_norm, config.rms_norm_eps)
+        return hidden, eqx.tree_at(lambda c: (c.keys, c.values), cache, (keys, values))
+
+    def decode(
+        self,
+        token: Int[Array, " batch"],
+        position: Int[Array, " batch"],
+        slot: Int[Array, ""],
+        cache: KVCache,
+    ) -> tuple[Float[Array, "batch hidden"], KVCache]:
+        """One token per row through the model, reading and extending the KV cache at `slot`.
+
+        **Arguments:**
+
+        - `token`: the newest token of each row.
+        - `position`: its position (the row's count of real tokens before it).
+        - `slot`: the cache slot it is written to (the same for every row).
+        - `cache`: the KV cache.
+
+        **Returns:**
+
+        `(hidden, cache)`: the final-normed hidden state of this token and the updated cache.
+        """
+        config = self.config
+        b = token.shape[0]
+        cos, sin = rotary_tables(config, position[:, None])
+        query_index = jnp.full((b, 1), slot)
+
+        def body(carry, xs):
+            h, keys, values = carry
+            layer, index = xs
+            q, k, v = layer.qkv(h, cos, sin, config)
+            keys = jax.lax.dynamic_update_slice(keys, k[None], (index, 0, slot, 0, 0))
+            values = jax.lax.dynamic_update_slice(values, v[None], (index, 0, slot, 0, 0))
+            out = attend(
+                q, keys[index], values[index], query_index, cache.valid, self.attention_impl
+            )
+            return (layer.finish(h, out, config), keys, values), None
+
+        carry = (self._embed(token[:, None]), cache.keys, cache.values)
+        h, keys, values = self._scan_layers(body, carry, jnp.arange(config.num_layers))
+        hidden = rms_norm(h[:, 0], self.final_norm, config.rms_norm_eps)
+        return hidden, eqx.tree_at(lambda c: (c.keys, c.values), cache, (keys, values))

@@ -1,0 +1,222 @@
+"""Hugging Face checkpoint I/O: `config.json` + safetensors (single file or sharded), no torch.
+
+The model is first built shape-only (`eqx.filter_eval_shape`), then every array is filled from the
+checkpoint, checked against the expected shape and cast to the requested dtype.
+"""
+
+import json
+from pathlib import Path
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import PRNGKeyArray
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from .config import ModelConfig
+from .decoder import Decoder
+
+LAYER_TENSORS = {
+    "input_norm": "input_layernorm.weight",
+    "q_proj": "self_attn.q_proj.weight",
+    "k_proj": "self_attn.k_proj.weight",
+    "v_proj": "self_attn.v_proj.weight",
+    "o_proj": "self_attn.o_proj.weight",
+    "q_bias": "self_attn.q_proj.bias",
+    "k_bias": "self_attn.k_proj.bias",
+    "v_bias": "self_attn.v_proj.bias",
+    "post_norm": "post_attention_layernorm.weight",
+    "gate_proj": "mlp.gate_proj.weight",
+    "up_proj": "mlp.up_proj.weight",
+    "down_proj": "mlp.down_proj.weight",
+}
+TOP_TENSORS = {
+    "embed": "model.embed_tokens.weight",
+    "final_norm": "model.norm.weight",
+    "lm_head": "lm_head.weight",
+}
+MAX_SHARD_BYTES = 4 * 1024**3
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match the model it is loaded into."""
+
+
+def init_from_config(
+    config: "str | Path | dict[str, Any] | ModelConfig",
+    *,
+    key: PRNGKeyArray,
+    dtype=jnp.float32,
+) -> Decoder:
+    """A model with random weights and the shapes of an HF `config.json`.
+
+    **Arguments:**
+
+    - `config`: a `config.json` path, a directory holding one, a dictionary or a `ModelConfig`.
+    - `key`: PRNG key.
+    - `dtype`: parameter and compute dtype.
+
+    **Returns:**
+
+    The `Decoder`.
+    """
+    return Decoder.init(ModelConfig.load(config), key=key, dtype=dtype)
+
+
+class _Reader:
+    """Finds each tensor name in a (possibly sharded) safetensors checkpoint."""
+
+    def __init__(self, directory: Path):
+        index = directory / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {name: directory / file for name, file in weight_map.items()}
+        else:
+            files = sorted(directory.glob("*.safetensors"))
+            if not files:
+                raise FileNotFoundError(
+                    f"no *.safetensors in {directory}: pass a HF model directory with weights"
+                )
+            self.files = {}
+            for file in files:
+                with safe_open(file, framework="numpy") as f:
+                    self.files.update({name: file for name in f.keys()})  # noqa: SIM118
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def read(self, name: str, shape: tuple[int, ...], dtype) -> jax.Array:
+        if name not in self.files:
+            files = sorted({str(p) for p in self.files.values()})
+            raise CheckpointError(f"tensor {name!r} is missing from {', '.join(files)}")
+        file = self.files[name]
+        with safe_open(file, framework="flax") as f:
+            array = f.get_tensor(name)
+        if tuple(array.shape) != tuple(shape):
+            raise CheckpointError(
+                f"{file}: tensor {name!r} has shape {tuple(array.shape)}, expected {tuple(shape)}"
+            )
+        return jnp.asarray(array, dtype=dtype)
+
+
+def load_hf(path: "str | Path", *, dtype=jnp.float32, compute_dtype=None) -> Decoder:
+    """Loads a Qwen2/Llama model from a local HF directory (`config.json` + `*.safetensors`).
+
+    **Arguments:**
+
+    - `path`: the model directory.
+    - `dtype`: parameter dtype.
+    - `compute_dtype`: activation dtype (default: `dtype`).
+
+    **Returns:**
+
+    The `Decoder`.
+    """
+    directory = Path(path)
+    if not directory.is_dir():
+        raise FileNotFoundError(
+            f"model directory {directory} does not exist: pass a local HF model directory "
+            "(config.json + *.safetensors)"
+        )
+    config = ModelConfig.load(directory)
+    reader = _Reader(directory)
+    skeleton = eqx.filter_eval_shape(Decoder.init, config, key=jax.random.key(0), dtype=dtype)
+
+    def fill_layer(field: str, spec: jax.ShapeDtypeStruct | None):
+        if spec is None:
+            return None
+        per_layer = spec.shape[1:]
+        return jnp.stack(
+            [
+                reader.read(f"model.layers.{i}.{LAYER_TENSORS[field]}", per_layer, dtype)
+                for i in range(config.num_layers)
+            ]
+        )
+
+    layers = type(skeleton.layers)(
+        **{field: fill_layer(field, getattr(skeleton.layers, field)) for field in LAYER_TENSORS}
+    )
+    vocab_hidden = (config.vocab_size, config.hidden_size)
+    head = None
+    if not config.tie_word_embeddings:
+        head = reader.read(TOP_TENSORS["lm_head"], vocab_hidden, dtype)
+    return Decoder(
+        embed=reader.read(TOP_TENSORS["embed"], vocab_hidden, dtype),
+        layers=layers,
+        final_norm=reader.read(TOP_TENSORS["final_norm"], (config.hidden_size,), dtype),
+        lm_head=head,
+        config=config,
+        compute_dtype=jnp.dtype(compute_dtype or dtype).name,
+    )
+
+
+def hf_state_dict(model: Decoder) -> dict[str, np.ndarray]:
+    """The model's weights under their HF names, as numpy arrays in the parameter dtype.
+
+    **Arguments:**
+
+    - `model`: the decoder.
+
+    **Returns:**
+
+    A name → array dictionary.
+    """
+    tensors: dict[str, np.ndarray] = {}
+    for field, name in LAYER_TENSORS.items():
+        stacked = getattr(model.layers, field)
+        if stacked is None:
+            continue
+        host = np.asarray(jax.device_get(stacked))
+        for i in range(model.config.num_layers):
+            tensors[f"model.layers.{i}.{name}"] = np.ascontiguousarray(host[i])
+    tensors[TOP_TENSORS["embed"]] = np.asarray(jax.device_get(model.embed))
+    tensors[TOP_TENSORS["final_norm"]] = np.asarray(jax.device_get(model.final_norm))
+    if model.lm_head is not None:
+        tensors[TOP_TENSORS["lm_head"]] = np.asarray(jax.device_get(model.lm_head))
+    return tensors
+
+
+def save_hf(model: Decoder, path: "str | Path", *, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """Writes `config.json` and safetensors that `transformers.AutoModelForCausalLM` loads.
+
+    Checkpoints over `max_shard_bytes` are sharded with a `model.safetensors.index.json`.
+
+    **Arguments:**
+
+    - `model`: the decoder.
+    - `path`: the output directory (created if needed).
+    - `max_shard_bytes`: the largest shard.
+
+    **Returns:**
+
+    Nothing.
+    """
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = hf_state_dict(model)
+    hf_config = model.config.to_hf()
+    hf_config["torch_dtype"] = str(next(iter(tensors.values())).dtype)
+    (directory / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name, array in tensors.items():
+        if shards[-1] and size + array.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = array
+        size += array.nbytes
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(directory / "model.safetensors"), metadata=metadata)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(directory / file), metadata=metadata)
+        weight_map.update({name: file for name in shard})
+    index = {"metadata": {"total_size": sum(a.nbytes for a in tensors.values())}}
+    index["weight_map"] = weight_map
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

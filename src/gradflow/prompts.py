@@ -1,0 +1,108 @@
+"""Prompt text for math problems, and the tokenizer that encodes it."""
+
+import logging
+import os
+from pathlib import Path
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from gradflow.assets import asset_path
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SYSTEM = "You are a helpful assistant."
+DEFAULT_INSTRUCTION = (
+    "Let's think step by step, then give the final answer on its own last line "
+    "in the form `#### <number>`."
+)
+# Any of these in a directory means it holds a tokenizer `AutoTokenizer` can load.
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+)
+
+
+def plain_prompt(question: str, instruction: str = DEFAULT_INSTRUCTION) -> str:
+    """Prompt text for a model without a chat template (`prompt.template = "plain"`).
+
+    **Arguments:**
+
+    - `question`: the problem.
+    - `instruction`: appended on the line after the question.
+
+    **Returns:**
+
+    `question + "\\n" + instruction + "\\n"`.
+    """
+    return f"{question}\n{instruction}\n"
+
+
+def chat_prompt(
+    tokenizer: PreTrainedTokenizerBase,
+    question: str,
+    *,
+    system: str | None = DEFAULT_SYSTEM,
+    instruction: str = DEFAULT_INSTRUCTION,
+) -> str:
+    """Prompt text from the tokenizer's chat template, ending with the assistant's turn opened.
+
+    **Arguments:**
+
+    - `tokenizer`: a tokenizer with a chat template.
+    - `question`: the problem.
+    - `system`: the system message, or `None` for none (the template may add its own default).
+    - `instruction`: appended to the user message on the line after the question.
+
+    **Returns:**
+
+    The prompt text (not tokenized).
+
+    **Raises:**
+
+    `ValueError` when the tokenizer has no chat template.
+    """
+    if tokenizer.chat_template is None:
+        raise ValueError(
+            f"tokenizer {tokenizer.name_or_path!r} has no chat template; "
+            'set `prompt.template = "plain"` to use `plain_prompt` instead'
+        )
+    messages = [] if system is None else [{"role": "system", "content": system}]
+    messages.append({"role": "user", "content": f"{question}\n{instruction}"})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def load_tokenizer(path: str | os.PathLike[str] | None) -> PreTrainedTokenizerBase:
+    """Load a tokenizer from a local directory, padding on the left (for generation).
+
+    **Arguments:**
+
+    - `path`: a directory with tokenizer files (e.g. a model checkpoint). When `None`, or when
+        the directory has no tokenizer files, the Qwen2 tokenizer shipped in
+        `gradflow/assets/qwen2` is used (logged at INFO level).
+
+    **Returns:**
+
+    The tokenizer, with `padding_side="left"`.
+
+    **Raises:**
+
+    `FileNotFoundError` naming `path` when it does not exist; `NotADirectoryError` when it is a
+    file.
+    """
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"no tokenizer directory at {path}")
+        if not path.is_dir():
+            raise NotADirectoryError(f"tokenizer path {path} is a file, expected a directory")
+    if path is None or not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        shipped = asset_path("qwen2")
+        source = "no tokenizer path given" if path is None else f"no tokenizer files in {path}"
+        logger.info("%s; using the shipped Qwen2 tokenizer at %s", source, shipped)
+        path = shipped
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    tokenizer.padding_side = "left"
+    return tokenizer

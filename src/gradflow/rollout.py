@@ -1,0 +1,203 @@
+"""The sampler: prefill, then a `lax.while_loop` of one-token decode steps over a KV cache.
+
+Everything runs inside one compiled function: no Python loop per token and no host sync per token.
+The cache is allocated inside the compiled function and updated in place by the loop.
+"""
+
+import functools
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+
+from .models import Decoder
+
+
+class Completions(eqx.Module):
+    """Sampled completions of a batch of prompts.
+
+    - `tokens`: the sampled ids (after a row's EOS: `pad_token_id`).
+    - `mask`: 1 on generated tokens up to and including EOS.
+    - `logprobs`: float32 log-probability of each sampled token under the unmodified policy
+      (temperature 1, no top-k/top-p), 0 where `mask` is 0.
+    - `lengths`: number of generated tokens of each row.
+    - `finished`: whether the row ended with EOS (otherwise it was truncated).
+    """
+
+    tokens: Int[Array, "batch new"]
+    mask: Bool[Array, "batch new"]
+    logprobs: Float[Array, "batch new"]
+    lengths: Int[Array, " batch"]
+    finished: Bool[Array, " batch"]
+
+
+def filter_logits(
+    logits: Float[Array, "batch vocab"], *, temperature: float, top_k: int, top_p: float
+) -> Float[Array, "batch vocab"]:
+    """Applies temperature, then top-k, then top-p (nucleus) filtering; removed entries get -inf.
+
+    **Arguments:**
+
+    - `logits`: float32 next-token logits.
+    - `temperature`: divides the logits (> 0).
+    - `top_k`: keep the `top_k` largest (0 keeps all).
+    - `top_p`: keep the smallest set of most likely tokens whose probability reaches `top_p`.
+
+    **Returns:**
+
+    The filtered logits.
+    """
+    logits = logits / temperature
+    if top_k > 0:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1.0:
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs
+        sorted_keep = before < top_p
+        keep = (
+            jnp.zeros_like(sorted_keep)
+            .at[jnp.arange(logits.shape[0])[:, None], order]
+            .set(sorted_keep)
+        )
+        logits = jnp.where(keep, logits, -jnp.inf)
+    return logits
+
+
+def sample_token(
+    logits: Float[Array, "batch vocab"],
+    key: PRNGKeyArray,
+    *,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+) -> Int[Array, " batch"]:
+    """Draws one token per row (greedy when `temperature == 0`).
+
+    **Arguments:**
+
+    - `logits`: float32 next-token logits.
+    - `key`: PRNG key.
+    - `temperature`, `top_k`, `top_p`: see `filter_logits`.
+
+    **Returns:**
+
+    The token ids.
+    """
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    filtered = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+    return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(
+    eqx.filter_jit,
+    donate="none",
+)
+def generate(
+    model: Decoder,
+    prompt_ids: Int[Array, "batch prompt"],
+    prompt_mask: Bool[Array, "batch prompt"] | Int[Array, "batch prompt"],
+    *,
+    key: PRNGKeyArray,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    eos_token_ids: tuple[int, ...] = (),
+    pad_token_id: int = 0,
+) -> Completions:
+    """Samples completions for a left-padded batch of prompts.
+
+    Rows stop at EOS independently; the loop ends when every row has stopped or after
+    `max_new_tokens`. For `G` samples per prompt repeat each prompt `G` times consecutively.
+
+    **Arguments:**
+
+    - `model`: the policy.
+    - `prompt_ids`: left-padded prompt ids.
+    - `prompt_mask`: 1 on real prompt tokens.
+    - `key`: PRNG key.
+    - `max_new_tokens`: the completion cap.
+    - `temperature`: sampling temperature; 0 is greedy.
+    - `top_p`, `top_k`: nucleus and top-k filtering (1.0 and 0 turn them off).
+    - `eos_token_ids`: tokens that end a row.
+    - `pad_token_id`: written after a row's end.
+
+    **Returns:**
+
+    The `Completions`.
+    """
+    return _generate(
+        model,
+        prompt_ids,
+        prompt_mask,
+        key,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        eos_token_ids=tuple(eos_token_ids),
+        pad_token_id=pad_token_id,
+    )
+
+
+def _generate(
+    model: Decoder,
+    prompt_ids: Int[Array, "batch prompt"],
+    prompt_mask: Bool[Array, "batch prompt"] | Int[Array, "batch prompt"],
+    key: PRNGKeyArray,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    eos_token_ids: tuple[int, ...],
+    pad_token_id: int,
+) -> Completions:
+    """`generate` without its own `jit`, for use inside a larger compiled step."""
+    batch, prompt_len = prompt_ids.shape
+    hidden, cache = model.prefill(prompt_ids, prompt_mask, prompt_len + max_new_tokens)
+    prompt_lengths = jnp.sum(prompt_mask.astype(jnp.int32), axis=1)
+    eos = jnp.asarray(eos_token_ids if eos_token_ids else (-1,), jnp.int32)
+
+    def cond(carry):
+        i, done = carry[0], carry[4]
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        i, tokens, mask, logprobs, done, hidden, cache, key = carry
+        key, sample_key = jax.random.split(key)
+        logits = model.logits(hidden)
+        token = sample_token(logits, sample_key, temperature=temperature, top_k=top_k, top_p=top_p)
+        token = jnp.where(done, pad_token_id, token)
+        logp = jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], axis=-1)[:, 0]
+        live = ~done
+        tokens = tokens.at[:, i].set(token)
+        mask = mask.at[:, i].set(live)
+        logprobs = logprobs.at[:, i].set(jnp.where(live, logp, 0.0))
+        done = done | jnp.any(token[:, None] == eos[None, :], axis=-1)
+        hidden, cache = model.decode(token, prompt_lengths + i, prompt_len + i, cache)
+        return i + 1, tokens, mask, logprobs, done, hidden, cache, key
+
+    init = (
+        jnp.asarray(0, jnp.int32),
+        jnp.full((batch, max_new_tokens), pad_token_id, jnp.int32),
+        jnp.zeros((batch, max_new_tokens), bool),
+        jnp.zeros((batch, max_new_tokens), jnp.float32),
+        jnp.zeros((batch,), bool),
+        hidden,
+        cache,
+        key,
+    )
+    _, tokens, mask, logprobs, done, _, _, _ = jax.lax.while_loop(cond, body, init)
+    return Completions(
+        tokens=tokens,
+        mask=mask,
+        logprobs=logprobs,
+        lengths=jnp.sum(mask.astype(jnp.int32), axis=1),
+        finished=done,
+    )

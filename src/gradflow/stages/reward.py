@@ -1,0 +1,112 @@
+"""Reward stages: a sequence reward per completion, with its named parts for logging.
+
+Rewards written in Python over decoded text (`HostReward`) enter the compiled step through
+`jax.pure_callback`; rewards written in JAX over tokens (`OverlongPenalty`) run in place.
+"""
+
+import abc
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float
+
+from ..batch import Prompts
+from ..rollout import Completions
+
+# scorer(completion_tokens [B, N], completion_mask [B, N], prompt_index [B]) -> float32 [parts, B]
+HostScorer = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+
+
+class RewardOutput(eqx.Module):
+    """The total reward of each completion and its named parts (unweighted)."""
+
+    total: Float[Array, " batch"]
+    parts: dict[str, Float[Array, " batch"]]
+
+
+class AbstractReward(eqx.Module):
+    """Scores completions of (repeated) prompts."""
+
+    @abc.abstractmethod
+    def __call__(self, prompts: Prompts, completions: Completions) -> RewardOutput:
+        """The reward of each completion."""
+
+
+class HostReward(AbstractReward):
+    """A Python scorer over decoded text, called on the host through `jax.pure_callback`.
+
+    The scorer returns one row per named part; the total is their weighted sum. A part named
+    `correct` is also reported as accuracy. Scorers catch their own exceptions and NaNs (see
+    `gradflow.rewards.gsm8k.safe_score`): a failing sample scores 0 and the run goes on; the
+    part `failed` counts them.
+
+    **Fields:**
+
+    - `scorer`: `(tokens, mask, prompt_index) -> float32 [len(parts), batch]`.
+    - `parts`: the names of the scorer's rows.
+    - `weights`: the weight of each part in the total.
+    """
+
+    scorer: HostScorer = eqx.field(static=True)
+    parts: tuple[str, ...] = eqx.field(static=True)
+    weights: tuple[float, ...] = eqx.field(static=True)
+
+    def __check_init__(self):
+        if len(self.parts) != len(self.weights):
+            raise ValueError("parts and weights must have the same length")
+
+    def __call__(self, prompts: Prompts, completions: Completions) -> RewardOutput:
+        batch = completions.tokens.shape[0]
+        shape = jax.ShapeDtypeStruct((len(self.parts), batch), jnp.float32)
+
+        def host(tokens, mask, index):
+            out = np.asarray(
+                self.scorer(np.asarray(tokens), np.asarray(mask), np.asarray(index)), np.float32
+            )
+            return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
+
+        values = jax.pure_callback(
+            host,
+            shape,
+            completions.tokens,
+            completions.mask,
+            prompts.index,
+            vmap_method="sequential",
+        )
+        parts = {name: values[i] for i, name in enumerate(self.parts)}
+        total = sum(w * parts[name] for name, w in zip(self.parts, self.weights, strict=True))
+        return RewardOutput(total=jnp.asarray(total, jnp.float32), parts=parts)
+
+
+class OverlongPenalty(AbstractReward):
+    """DAPO's overlong reward shaping on top of another reward (pure JAX over lengths).
+
+    A completion longer than `max_new_tokens - buffer` gets
+    `-(length - (max_new_tokens - buffer)) / buffer * factor`, capped at `-factor`.
+
+    **Fields:**
+
+    - `inner`: the reward being shaped.
+    - `max_new_tokens`: `L_max`, the completion cap.
+    - `buffer`: `L_buf`.
+    - `factor`: the largest penalty.
+    """
+
+    inner: AbstractReward
+    max_new_tokens: int
+    buffer: int
+    factor: float = 1.0
+
+    def __check_init__(self):
+        if not 0 < self.buffer <= self.max_new_tokens:
+            raise ValueError("overlong buffer must be in (0, max_new_tokens]")
+
+    def __call__(self, prompts: Prompts, completions: Completions) -> RewardOutput:
+        out = self.inner(prompts, completions)
+        excess = completions.lengths.astype(jnp.float32) - (self.max_new_tokens - self.buffer)
+        penalty = -jnp.clip(excess / self.buffer, 0.0, 1.0) * self.factor
+        parts = {**out.parts, "overlong_penalty": penalty}
+        return RewardOutput(total=out.total + penalty, parts=parts)

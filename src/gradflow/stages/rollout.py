@@ -1,0 +1,138 @@
+"""Rollout stages: how completions are sampled and which groups enter the update.
+
+`select` runs after the reward: plain sampling keeps every group; DAPO's dynamic sampling
+oversamples prompts and keeps `prompts` groups whose rewards are not all equal (static shapes).
+"""
+
+import abc
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from equinox import AbstractVar
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+from ..batch import Prompts
+from ..models import Decoder
+from ..rollout import Completions, _generate
+
+
+class AbstractRollout(eqx.Module):
+    """Samples `group_size` completions per prompt and selects the groups that are trained on."""
+
+    group_size: AbstractVar[int]
+    max_new_tokens: AbstractVar[int]
+
+    @abc.abstractmethod
+    def prompts_to_sample(self, prompts_per_step: int) -> int:
+        """How many prompts are sampled for a step that trains on `prompts_per_step`."""
+
+    @abc.abstractmethod
+    def __call__(self, policy: Decoder, prompts: Prompts, key: PRNGKeyArray) -> Completions:
+        """Samples completions for `prompts.repeat(group_size)`."""
+
+    @abc.abstractmethod
+    def select(
+        self, rewards: Float[Array, " batch"], prompts_per_step: int
+    ) -> tuple[Int[Array, " kept"], dict[str, Array]]:
+        """The sampled rows that enter the update, and selection metrics."""
+
+
+class Sampling(AbstractRollout):
+    """Plain sampling with temperature / top-p / top-k; every group is kept.
+
+    **Fields:**
+
+    - `group_size`: completions per prompt (`G`).
+    - `max_new_tokens`: completion cap.
+    - `temperature`, `top_p`, `top_k`: sampling (see `gradflow.rollout.generate`).
+    - `eos_token_ids`, `pad_token_id`: from the tokenizer.
+    """
+
+    group_size: int = 8
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int = 0
+
+    def __check_init__(self):
+        if self.group_size < 1 or self.max_new_tokens < 1:
+            raise ValueError("group_size and max_new_tokens must be >= 1")
+
+    def prompts_to_sample(self, prompts_per_step: int) -> int:
+        return prompts_per_step
+
+    def __call__(self, policy: Decoder, prompts: Prompts, key: PRNGKeyArray) -> Completions:
+        repeated = prompts.repeat(self.group_size)
+        return _generate(
+            policy,
+            repeated.ids,
+            repeated.mask,
+            key,
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            eos_token_ids=self.eos_token_ids,
+            pad_token_id=self.pad_token_id,
+        )
+
+    def select(
+        self, rewards: Float[Array, " batch"], prompts_per_step: int
+    ) -> tuple[Int[Array, " kept"], dict[str, Array]]:
+        return jnp.arange(rewards.shape[0]), {}
+
+
+class DynamicSampling(AbstractRollout):
+    """DAPO's dynamic sampling: sample `oversample × prompts` groups, keep informative ones.
+
+    A group is informative when its rewards are not all equal (std > 0). The first
+    `prompts_per_step` informative groups are kept, in sampling order; when fewer exist the batch
+    is refilled with uninformative groups (whose GRPO advantages are 0, so they add no gradient)
+    and `dynamic_sampling/shortfall` reports how many were missing. The update batch keeps its
+    static size either way.
+
+    **Fields:**
+
+    - `sampling`: the underlying sampler.
+    - `oversample`: prompts sampled per trained prompt (an integer ≥ 1).
+    """
+
+    sampling: Sampling
+    oversample: int = 3
+
+    def __check_init__(self):
+        if self.oversample < 1:
+            raise ValueError("oversample must be >= 1")
+
+    @property
+    def group_size(self) -> int:
+        return self.sampling.group_size
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.sampling.max_new_tokens
+
+    def prompts_to_sample(self, prompts_per_step: int) -> int:
+        return prompts_per_step * self.oversample
+
+    def __call__(self, policy: Decoder, prompts: Prompts, key: PRNGKeyArray) -> Completions:
+        return self.sampling(policy, prompts, key)
+
+    def select(
+        self, rewards: Float[Array, " batch"], prompts_per_step: int
+    ) -> tuple[Int[Array, " kept"], dict[str, Array]]:
+        g = self.group_size
+        grouped = rewards.reshape(-1, g)
+        informative = jnp.max(grouped, axis=1) > jnp.min(grouped, axis=1)
+        order = jnp.argsort(~informative, stable=True)[:prompts_per_step]
+        rows = (order[:, None] * g + jnp.arange(g)[None, :]).reshape(-1)
+        found = jnp.sum(informative.astype(jnp.int32))
+        metrics = {
+            "dynamic_sampling/informative_groups": found,
+            "dynamic_sampling/dropped_groups": grouped.shape[0] - found,
+            "dynamic_sampling/shortfall": jnp.maximum(prompts_per_step - found, 0),
+        }
+        return jax.lax.stop_gradient(rows), metrics

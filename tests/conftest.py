@@ -1,0 +1,18 @@
+"""Test-wide settings: 8 fake CPU devices, strict dtype promotion, float32 matmuls.
+
+Runtime shape checks (jaxtyping + beartype) on `gradflow` are switched on by
+`--jaxtyping-packages=gradflow,beartype.beartype` in pyproject.toml.
+"""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+jax.config.update("jax_default_matmul_precision", "highest")

@@ -1,0 +1,529 @@
+"""The decoder, its checkpoint I/O and the sampler against HF transformers (torch, float32).
+
+Three tiny random checkpoints are written by `save_pretrained` once per module:
+
+- `qwen_tied`: Qwen2, GQA ratio 1, tied head, `rope_theta` 100, vocabulary 16 (also used for the
+  statistical sampling tests).
+- `qwen_gqa2`: Qwen2, GQA ratio 2, untied head.
+- `llama_gqa3`: Llama, GQA ratio 3, untied head, no attention bias, explicit `head_dim` 16 (hidden /
+  heads is 8) and llama3 RoPE scaling with `original_max_position_embeddings` 16.
+
+Weights use `initializer_range` 0.3 and random norms/biases so logits are far from uniform and
+every tensor matters. Few distinct shapes are used to keep the number of compilations small.
+"""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+import transformers
+from safetensors.numpy import load_file, save_file
+
+from gradflow.models import CheckpointError, Decoder, load_hf, save_hf
+from gradflow.rollout import generate
+
+torch.set_num_threads(2)
+
+PROMPT_LENGTHS = (7, 3, 5, 1)  # a left-padded batch of different prompt lengths
+PROMPT_WIDTH = max(PROMPT_LENGTHS)
+NEW_TOKENS = 8
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    hf: transformers.PreTrainedModel
+    path: Path
+    model: Decoder
+
+
+def hf_config(name: str) -> transformers.PretrainedConfig:
+    common = dict(
+        num_hidden_layers=2,
+        initializer_range=0.3,
+        max_position_embeddings=128,
+        attn_implementation="eager",
+    )
+    if name == "qwen_tied":
+        return transformers.Qwen2Config(
+            vocab_size=16,
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            tie_word_embeddings=True,
+            rope_parameters={"rope_type": "default", "rope_theta": 100.0},
+            **common,
+        )
+    if name == "qwen_gqa2":
+        return transformers.Qwen2Config(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+            **common,
+        )
+    assert name == "llama_gqa3"
+    return transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=48,
+        intermediate_size=96,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        head_dim=16,
+        attention_bias=False,
+        tie_word_embeddings=False,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 10000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
+        **common,
+    )
+
+
+NAMES = ("qwen_tied", "qwen_gqa2", "llama_gqa3")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Checkpoint]:
+    out = {}
+    for seed, name in enumerate(NAMES):
+        torch.manual_seed(seed)
+        config = hf_config(name)
+        model_class = (
+            transformers.LlamaForCausalLM
+            if config.model_type == "llama"
+            else transformers.Qwen2ForCausalLM
+        )
+        hf = model_class(config).eval()
+        with torch.no_grad():
+            for param_name, param in hf.named_parameters():
+                if "norm" in param_name:
+                    param.copy_(1.0 + 0.2 * torch.randn_like(param))
+                elif param_name.endswith("bias"):
+                    param.copy_(0.3 * torch.randn_like(param))
+        path = tmp_path_factory.mktemp(name)
+        hf.save_pretrained(path)
+        out[name] = Checkpoint(hf=hf, path=path, model=load_hf(path))
+    return out
+
+
+@pytest.fixture(scope="module")
+def prompts() -> tuple[np.ndarray, np.ndarray]:
+    """Left-padded prompt ids (over a 16-token vocabulary, valid for every model) and mask."""
+    rng = np.random.default_rng(0)
+    ids = np.zeros((len(PROMPT_LENGTHS), PROMPT_WIDTH), np.int32)
+    mask = np.zeros_like(ids)
+    for row, length in enumerate(PROMPT_LENGTHS):
+        ids[row, PROMPT_WIDTH - length :] = rng.integers(0, 16, length)
+        mask[row, PROMPT_WIDTH - length :] = 1
+    return ids, mask
+
+
+@eqx.filter_jit
+def forward(model, ids, mask):
+    return model(ids, mask)
+
+
+def gf_logits(model: Decoder, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    return np.asarray(forward(model, jnp.asarray(ids), jnp.asarray(mask)))
+
+
+def hf_logits(hf, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """HF logits of a left-padded batch; positions count real tokens, as HF generate does."""
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    with torch.no_grad():
+        out = hf(
+            input_ids=torch.as_tensor(ids, dtype=torch.long),
+            attention_mask=torch.as_tensor(mask, dtype=torch.long),
+            position_ids=torch.as_tensor(positions, dtype=torch.long),
+        )
+    return out.logits.float().numpy()
+
+
+def assert_logits_close(actual: np.ndarray, expected: np.ndarray, rtol: float = 1e-4):
+    scale = np.abs(expected).max()
+    err = np.abs(actual - expected).max()
+    assert err <= rtol * scale, f"max |Δlogit| {err:.3g} > {rtol} × max |logit| {scale:.3g}"
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def completion_logprobs(hf, prompt_ids, prompt_mask, tokens, mask) -> np.ndarray:
+    """Log-probabilities (temperature 1, unfiltered) of each completion token under HF."""
+    ids = np.concatenate([prompt_ids, tokens], axis=1)
+    full_mask = np.concatenate([prompt_mask, mask.astype(np.int32)], axis=1)
+    logp = log_softmax(hf_logits(hf, ids, full_mask))
+    width = prompt_ids.shape[1]
+    predicting = logp[:, width - 1 : -1]  # position t predicts token t + 1
+    return np.take_along_axis(predicting, tokens[:, :, None], axis=-1)[:, :, 0]
+
+
+def completion_logits(hf, prompt_ids, prompt_mask, tokens) -> np.ndarray:
+    """HF next-token logits before each completion token (no EOS: every token is real)."""
+    ids = np.concatenate([prompt_ids, tokens], axis=1)
+    full_mask = np.concatenate([prompt_mask, np.ones_like(tokens)], axis=1)
+    return hf_logits(hf, ids, full_mask)[:, prompt_ids.shape[1] - 1 : -1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward pass and checkpoint I/O.
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_logits_match_hf(checkpoints, prompts, name):
+    """Each left-padded row gets the logits HF gives the same prompt alone, unpadded."""
+    ckpt = checkpoints[name]
+    ids, mask = prompts
+    ours = gf_logits(ckpt.model, ids, mask)
+    for row, length in enumerate(PROMPT_LENGTHS):
+        real = slice(PROMPT_WIDTH - length, PROMPT_WIDTH)
+        with torch.no_grad():
+            ref = ckpt.hf(torch.as_tensor(ids[row : row + 1, real], dtype=torch.long)).logits
+        assert_logits_close(ours[row, real], ref[0].numpy())
+    # The logits really vary (a degenerate model would pass trivially).
+    assert np.abs(ours).max() > 1.0
+    assert len(set(ours[mask == 1].argmax(-1).tolist())) > 2
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_save_hf_round_trip(checkpoints, prompts, tmp_path, name):
+    ckpt = checkpoints[name]
+    ids, mask = prompts
+    save_hf(ckpt.model, tmp_path)
+    reloaded_hf = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, attn_implementation="eager"
+    ).eval()
+    real = mask == 1
+    np.testing.assert_allclose(
+        hf_logits(reloaded_hf, ids, mask)[real], hf_logits(ckpt.hf, ids, mask)[real], atol=1e-6
+    )
+    reloaded = load_hf(tmp_path)
+    assert reloaded.config == ckpt.model.config
+    np.testing.assert_array_equal(gf_logits(reloaded, ids, mask), gf_logits(ckpt.model, ids, mask))
+
+
+def test_sharded_save_loads_in_hf_and_gradflow(checkpoints, prompts, tmp_path):
+    ckpt = checkpoints["llama_gqa3"]
+    ids, mask = prompts
+    save_hf(ckpt.model, tmp_path, max_shard_bytes=32_000)
+    shards = sorted(tmp_path.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 2
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert {tmp_path / f for f in index["weight_map"].values()} == set(shards)
+    assert not (tmp_path / "model.safetensors").exists()
+    reloaded_hf = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, attn_implementation="eager"
+    ).eval()
+    real = mask == 1
+    np.testing.assert_allclose(
+        hf_logits(reloaded_hf, ids, mask)[real], hf_logits(ckpt.hf, ids, mask)[real], atol=1e-6
+    )
+    np.testing.assert_array_equal(
+        gf_logits(load_hf(tmp_path), ids, mask), gf_logits(ckpt.model, ids, mask)
+    )
+
+
+def test_bfloat16_load_is_close_to_float32(checkpoints, prompts):
+    ckpt = checkpoints["llama_gqa3"]
+    ids, mask = prompts
+    model = load_hf(ckpt.path, dtype=jnp.bfloat16)
+    assert model.embed.dtype == jnp.bfloat16
+    assert model.layers.q_proj.dtype == jnp.bfloat16
+    ours = gf_logits(model, ids, mask)
+    assert ours.dtype == np.float32
+    assert np.isfinite(ours).all()
+    real = mask == 1
+    assert_logits_close(ours[real], gf_logits(ckpt.model, ids, mask)[real], rtol=0.1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint errors.
+
+
+def test_load_without_config_names_the_file(checkpoints, tmp_path):
+    weights = load_file(checkpoints["qwen_gqa2"].path / "model.safetensors")
+    save_file(weights, tmp_path / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_hf(tmp_path)
+
+
+def test_load_unsupported_model_type_names_the_file(checkpoints, tmp_path):
+    source = checkpoints["qwen_gqa2"].path
+    config = json.loads((source / "config.json").read_text())
+    config["model_type"] = "gpt2"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    save_file(load_file(source / "model.safetensors"), tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"config\.json.*gpt2"):
+        load_hf(tmp_path)
+
+
+def _copy_with_weights(source: Path, target: Path, weights: dict[str, np.ndarray]):
+    (target / "config.json").write_text((source / "config.json").read_text())
+    save_file(weights, target / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_load_missing_tensor_names_it(checkpoints, tmp_path):
+    source = checkpoints["qwen_gqa2"].path
+    weights = load_file(source / "model.safetensors")
+    del weights["model.layers.1.self_attn.k_proj.bias"]
+    _copy_with_weights(source, tmp_path, weights)
+    with pytest.raises(CheckpointError, match=r"model\.layers\.1\.self_attn\.k_proj\.bias"):
+        load_hf(tmp_path)
+
+
+def test_load_misshaped_tensor_names_it_and_the_file(checkpoints, tmp_path):
+    source = checkpoints["qwen_gqa2"].path
+    weights = load_file(source / "model.safetensors")
+    weights["model.layers.0.mlp.up_proj.weight"] = weights["model.layers.0.mlp.up_proj.weight"][1:]
+    _copy_with_weights(source, tmp_path, weights)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors.*mlp\.up_proj\.weight") as info:
+        load_hf(tmp_path)
+    assert "(63, 32)" in str(info.value) and "(64, 32)" in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampler.
+
+
+def truncate_at_eos(row: np.ndarray, eos: int) -> np.ndarray:
+    hits = np.flatnonzero(row == eos)
+    return row if hits.size == 0 else row[: hits[0] + 1]
+
+
+def check_completion_structure(completions, eos: int | None, pad: int, max_new: int):
+    """Mask is 1 up to and including EOS and 0 after; pads after; lengths/finished agree."""
+    tokens = np.asarray(completions.tokens)
+    mask = np.asarray(completions.mask)
+    logprobs = np.asarray(completions.logprobs)
+    lengths = np.asarray(completions.lengths)
+    finished = np.asarray(completions.finished)
+    for row in range(tokens.shape[0]):
+        kept = tokens[row] if eos is None else truncate_at_eos(tokens[row], eos)
+        n = len(kept)
+        assert lengths[row] == n
+        assert mask[row, :n].all() and not mask[row, n:].any()
+        assert (tokens[row, n:] == pad).all()
+        assert (logprobs[row, n:] == 0.0).all()
+        assert (logprobs[row, :n] <= 0.0).all()
+        assert finished[row] == (eos is not None and kept[-1] == eos)
+        if not finished[row]:
+            assert n == max_new
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_greedy_matches_hf_generate(checkpoints, prompts, name):
+    """Greedy completions equal HF's token for token, up to and including EOS; logprobs too."""
+    ckpt = checkpoints[name]
+    ids, mask = prompts
+    pad = 0
+
+    def hf_greedy(eos):
+        with torch.no_grad():
+            out = ckpt.hf.generate(
+                input_ids=torch.as_tensor(ids, dtype=torch.long),
+                attention_mask=torch.as_tensor(mask, dtype=torch.long),
+                do_sample=False,
+                max_new_tokens=NEW_TOKENS,
+                eos_token_id=eos,
+                pad_token_id=pad,
+            )
+        return out[:, PROMPT_WIDTH:].numpy()
+
+    # EOS: a token HF emits mid-completion in some row, so that row stops early.
+    free = hf_greedy(None)
+    assert free.shape == (len(PROMPT_LENGTHS), NEW_TOKENS)
+    values, counts = np.unique(free[:, 1:-1], return_counts=True)
+    eos = int(values[np.argmax(counts)])
+    reference = hf_greedy(eos)
+
+    completions = generate(
+        ckpt.model,
+        jnp.asarray(ids),
+        jnp.asarray(mask),
+        key=jax.random.key(0),
+        max_new_tokens=NEW_TOKENS,
+        temperature=0.0,
+        eos_token_ids=(eos,),
+        pad_token_id=pad,
+    )
+    check_completion_structure(completions, eos, pad, NEW_TOKENS)
+    tokens = np.asarray(completions.tokens)
+    lengths = np.asarray(completions.lengths)
+    for row in range(len(PROMPT_LENGTHS)):
+        expected = truncate_at_eos(reference[row], eos)
+        np.testing.assert_array_equal(tokens[row, : lengths[row]], expected, err_msg=f"row {row}")
+    assert lengths.min() < NEW_TOKENS  # some row stopped early
+    assert np.asarray(completions.finished).any()
+
+    expected_logp = completion_logprobs(ckpt.hf, ids, mask, tokens, np.asarray(completions.mask))
+    real = np.asarray(completions.mask)
+    np.testing.assert_allclose(
+        np.asarray(completions.logprobs)[real], expected_logp[real], atol=1e-4, rtol=0
+    )
+
+
+@pytest.mark.parametrize("name", ["qwen_gqa2", "llama_gqa3"])
+def test_sampled_logprobs_are_those_of_the_unmodified_policy(checkpoints, prompts, name):
+    """At temperature 0.7 with top-k the logprobs are still the temperature-1 full-vocab ones."""
+    ckpt = checkpoints[name]
+    ids, mask = prompts
+    completions = generate(
+        ckpt.model,
+        jnp.asarray(ids),
+        jnp.asarray(mask),
+        key=jax.random.key(1),
+        max_new_tokens=NEW_TOKENS,
+        temperature=0.7,
+        top_k=5,
+        eos_token_ids=(3,),
+        pad_token_id=0,
+    )
+    check_completion_structure(completions, 3, 0, NEW_TOKENS)
+    tokens = np.asarray(completions.tokens)
+    real = np.asarray(completions.mask)
+    expected = completion_logprobs(ckpt.hf, ids, mask, tokens, real)
+    np.testing.assert_allclose(
+        np.asarray(completions.logprobs)[real], expected[real], atol=1e-4, rtol=0
+    )
+
+
+SAMPLES = 4000
+
+
+def test_first_token_frequencies_follow_the_softmax(checkpoints, prompts):
+    """Chi-square test of 4000 first tokens at temperature 1 against HF's next-token softmax."""
+    ckpt = checkpoints["qwen_tied"]
+    ids, mask = prompts
+    prompt = ids[:1, -PROMPT_LENGTHS[0] :]
+    with torch.no_grad():
+        logits = ckpt.hf(torch.as_tensor(prompt, dtype=torch.long)).logits[0, -1].double()
+    probs = torch.softmax(logits, -1).numpy()
+    completions = generate(
+        ckpt.model,
+        jnp.asarray(np.repeat(prompt, SAMPLES, axis=0)),
+        jnp.ones((SAMPLES, prompt.shape[1]), jnp.int32),
+        key=jax.random.key(2),
+        max_new_tokens=1,
+        temperature=1.0,
+    )
+    counts = np.bincount(np.asarray(completions.tokens)[:, 0], minlength=probs.size)
+    expected = SAMPLES * probs
+    # Pool the rare tokens so every bin expects at least 5 draws.
+    rare = expected < 5
+    observed = np.append(counts[~rare], counts[rare].sum())
+    expected = np.append(expected[~rare], expected[rare].sum())
+    if expected[-1] == 0.0:
+        observed, expected = observed[:-1], expected[:-1]
+    assert (~rare).sum() >= 5  # the test has power: several likely tokens
+    result = scipy.stats.chisquare(observed, expected * observed.sum() / expected.sum())
+    assert result.pvalue > 1e-3, (counts, SAMPLES * probs)
+
+
+FILTER_BATCH = 512
+FILTER_STEPS = 4
+
+
+def filtered_samples(ckpt, prompts, **filtering):
+    ids, mask = prompts
+    reps = FILTER_BATCH // ids.shape[0]
+    ids, mask = np.repeat(ids, reps, axis=0), np.repeat(mask, reps, axis=0)
+    completions = generate(
+        ckpt.model,
+        jnp.asarray(ids),
+        jnp.asarray(mask),
+        key=jax.random.key(3),
+        max_new_tokens=FILTER_STEPS,
+        **filtering,
+    )
+    tokens = np.asarray(completions.tokens)
+    check_completion_structure(completions, None, 0, FILTER_STEPS)
+    return tokens, completion_logits(ckpt.hf, ids, mask, tokens)
+
+
+def test_top_k_only_emits_the_k_most_likely(checkpoints, prompts):
+    k = 3
+    tokens, logits = filtered_samples(checkpoints["qwen_tied"], prompts, temperature=1.0, top_k=k)
+    kth = np.sort(logits, axis=-1)[..., -k]
+    chosen = np.take_along_axis(logits, tokens[..., None], axis=-1)[..., 0]
+    assert (chosen >= kth - 1e-4).all()
+    # All k candidates are actually used somewhere.
+    ranks = (logits > chosen[..., None]).sum(-1)
+    assert set(ranks.ravel().tolist()) == set(range(k))
+
+
+def nucleus(logits: np.ndarray, top_p: float) -> np.ndarray:
+    """Boolean mask of the smallest most-likely set whose probability reaches `top_p` (numpy)."""
+    probs = np.exp(log_softmax(logits))
+    allowed = np.zeros(logits.shape, bool)
+    for index in np.ndindex(logits.shape[:-1]):
+        order = np.argsort(-probs[index])
+        total = 0.0
+        for token in order:
+            allowed[index + (token,)] = True
+            total += probs[index + (token,)]
+            if total >= top_p - 1e-6:  # tolerance: HF and gradflow logits differ by ~1e-6
+                break
+    return allowed
+
+
+def test_top_p_only_emits_from_the_nucleus(checkpoints, prompts):
+    top_p = 0.6
+    tokens, logits = filtered_samples(
+        checkpoints["qwen_tied"], prompts, temperature=1.0, top_p=top_p
+    )
+    allowed = nucleus(logits, top_p)
+    assert np.take_along_axis(allowed, tokens[..., None], axis=-1).all()
+    assert (allowed.sum(-1) < logits.shape[-1]).all()  # the filter removes something everywhere
+    assert (allowed.sum(-1) > 1).any()
+    # Where the nucleus has several tokens, more than one of them is drawn at the first step.
+    first = tokens[:, 0].reshape(len(PROMPT_LENGTHS), -1)
+    wide = allowed[:: FILTER_BATCH // len(PROMPT_LENGTHS), 0].sum(-1) > 1
+    assert all(len(set(first[g].tolist())) > 1 for g in np.flatnonzero(wide))
+
+
+def test_eos_ends_a_row(checkpoints, prompts):
+    """Rows stop at EOS independently: mask 1 through EOS, then pads; lengths/finished agree."""
+    ckpt = checkpoints["qwen_tied"]
+    ids, mask = prompts
+    reps = 16
+    ids, mask = np.repeat(ids, reps, axis=0), np.repeat(mask, reps, axis=0)
+    # EOS: the most likely first token of the longest prompt, so that many rows stop early.
+    eos = int(hf_logits(ckpt.hf, ids[:1], mask[:1])[0, -1].argmax())
+    pad = 15 if eos != 15 else 14
+    completions = generate(
+        ckpt.model,
+        jnp.asarray(ids),
+        jnp.asarray(mask),
+        key=jax.random.key(4),
+        max_new_tokens=NEW_TOKENS,
+        temperature=1.0,
+        eos_token_ids=(eos,),
+        pad_token_id=pad,
+    )
+    check_completion_structure(completions, eos, pad, NEW_TOKENS)
+    finished = np.asarray(completions.finished)
+    lengths = np.asarray(completions.lengths)
+    assert finished.any() and not finished.all()
+    assert (lengths[finished] < NEW_TOKENS).any()
+    real = np.asarray(completions.mask)
+    expected = completion_logprobs(ckpt.hf, ids, mask, np.asarray(completions.tokens), real)
+    np.testing.assert_allclose(
+        np.asarray(completions.logprobs)[real], expected[real], atol=1e-4, rtol=0
+    )
