@@ -120,7 +120,6 @@ def bench_gradflow(model, prompt_ids, args) -> dict:
 def bench_hf(hf_model, prompt_ids, args, torch, device) -> dict:
     ids = torch.as_tensor(prompt_ids, dtype=torch.long, device=device)
     mask = torch.ones_like(ids)
-    eos = int(hf_model.config.eos_token_id or 0) if hf_model.config.eos_token_id is not None else 0
 
     def run(seed: int):
         torch.manual_seed(args.seed + seed)
@@ -134,7 +133,7 @@ def bench_hf(hf_model, prompt_ids, args, torch, device) -> dict:
                 top_p=1.0,
                 max_new_tokens=args.new_tokens,
                 min_new_tokens=args.new_tokens,
-                eos_token_id=eos,
+                eos_token_id=0,  # masked out by min_new_tokens: no row stops early
                 pad_token_id=0,
             )
         if device.type == "cuda":
@@ -155,6 +154,8 @@ def build_models(args, config_dict: dict, workdir: Path):
     import torch
     import transformers
 
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config = transformers.AutoConfig.for_model(**config_dict)
@@ -179,36 +180,30 @@ def table(results: dict, args, config: ModelConfig, tokens: int) -> str:
         "| implementation | first call s | compile s | median s | min s | tokens/s | speedup |",
         "|---|---|---|---|---|---|---|",
     ]
-    gf_rate = tokens / statistics.median(results["gradflow"]["times_s"])
+    rates = {name: tokens / statistics.median(r["times_s"]) for name, r in results.items()}
     for name, result in results.items():
         median = statistics.median(result["times_s"])
-        rate = tokens / median
         compile_s = f"{result['compile_s']:.2f}" if "compile_s" in result else "-"
-        speedup = f"{gf_rate / rate:.1f}x" if name == "gradflow" and "hf" in results else "1.0x"
-        if name == "gradflow" and "hf" not in results:
-            speedup = "-"
+        speedup = f"{rates[name] / rates['hf']:.1f}x" if "hf" in rates else "-"
         rows.append(
             f"| {name} | {result['first_s']:.2f} | {compile_s} | {median:.3f} | "
-            f"{min(result['times_s']):.3f} | {rate:,.0f} | {speedup} |"
+            f"{min(result['times_s']):.3f} | {rates[name]:,.0f} | {speedup} |"
         )
-    if "hf" in results:
-        hf_rate = tokens / statistics.median(results["hf"]["times_s"])
-        rows.append("")
-        rows.append(f"gradflow / HF: {gf_rate / hf_rate:.1f}x")
+    if "hf" in rates:
+        rows.append(f"\ngradflow / HF: {rates['gradflow'] / rates['hf']:.1f}x")
     if args.roofline:
         rows.append(
-            f"roofline: {gf_rate:,.0f} / {args.roofline:,.0f} tokens/s = "
-            f"{gf_rate / args.roofline:.1%}"
+            f"roofline: {rates['gradflow']:,.0f} / {args.roofline:,.0f} tokens/s = "
+            f"{rates['gradflow'] / args.roofline:.1%}"
         )
     return "\n".join(rows)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.threads > 0:
-        if hasattr(os, "sched_setaffinity"):
-            cpus = sorted(os.sched_getaffinity(0))[: args.threads]
-            os.sched_setaffinity(0, cpus)
+    if args.threads > 0 and hasattr(os, "sched_setaffinity"):
+        cpus = sorted(os.sched_getaffinity(0))[: args.threads]
+        os.sched_setaffinity(0, cpus)
     config_dict = hf_config_dict(args)
     config = ModelConfig.from_hf(config_dict)
     rng = np.random.default_rng(args.seed)
@@ -217,8 +212,6 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         model, hf_model, torch, device = build_models(args, config_dict, Path(tmp))
-    if torch is not None and args.threads > 0:
-        torch.set_num_threads(args.threads)
 
     results = {}
     if hf_model is not None:

@@ -1,0 +1,361 @@
+"""TOML → typed, frozen, validated config.
+
+Each `[section]` is a frozen dataclass below; every key is read by the run. Unknown keys are
+errors that list the valid keys and the closest match; wrong types name the key and the
+expected type. `[algorithm]` takes `name` plus the hyperparameters of that algorithm (the list
+comes from the algorithm's own stage fields: `gradflow.algorithms.hyperparameters`).
+Command-line overrides are dotted `section.key=value` (values parsed as TOML, else strings).
+"""
+
+import dataclasses
+import difflib
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from . import algorithms
+
+
+class ConfigError(ValueError):
+    """A user error in a config file or override: one line, no traceback."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """`[run]`: where the run writes and how it is seeded."""
+
+    seed: int = 0
+    output_dir: str = ""
+    resume: bool = False
+    nonfinite: str = "skip"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """`[model]`: which policy to start from and how it computes."""
+
+    path: str = ""
+    init: str = "pretrained"
+    config: str = ""
+    overrides: dict = dataclasses.field(default_factory=dict)
+    tokenizer: str = ""
+    dtype: str = "float32"
+    compute_dtype: str = ""
+    remat: str = "none"
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+    """`[task]`: the problems, the prompts built from them and the reward."""
+
+    name: str = "arithmetic"
+    source: str = "local"
+    train_path: str = ""
+    test_path: str = ""
+    train_size: int = 20000
+    test_size: int = 500
+    prompt_template: str = "plain"
+    system: str = ""
+    instruction: str = ""
+    max_prompt_tokens: int = 0
+    reward_mode: str = "strict"
+    correct_weight: float = 1.0
+    format_weight: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """`[train]`: RL steps and prompts per step."""
+
+    steps: int = 40
+    prompts_per_step: int = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """`[eval]`: held-out evaluation (greedy accuracy; pass@k with `samples > 1`)."""
+
+    every: int = 10
+    size: int = 200
+    batch_size: int = 256
+    samples: int = 1
+    temperature: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """`[checkpoint]`: how often to checkpoint and how many to keep (`every = 0`: end only)."""
+
+    every: int = 0
+    keep: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingConfig:
+    """`[logging]`: W&B and local logs."""
+
+    wandb: str = "offline"
+    project: str = "gradflow"
+    name: str = ""
+    tags: list = dataclasses.field(default_factory=list)
+    samples_every: int = 5
+    progress: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """`[mesh]`: device mesh axes (`-1`: the rest of the devices)."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+
+SECTIONS: dict[str, type] = {
+    "run": RunConfig,
+    "model": ModelConfig,
+    "task": TaskConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+    "checkpoint": CheckpointConfig,
+    "logging": LoggingConfig,
+    "mesh": MeshConfig,
+}
+CHOICES: dict[str, tuple[str, ...]] = {
+    "run.nonfinite": ("skip", "stop"),
+    "model.init": ("pretrained", "random"),
+    "model.dtype": ("float32", "bfloat16"),
+    "model.compute_dtype": ("", "float32", "bfloat16"),
+    "model.remat": ("none", "full", "dots"),
+    "task.name": ("arithmetic", "gsm8k"),
+    "task.source": ("local", "hub"),
+    "task.prompt_template": ("plain", "chat"),
+    "task.reward_mode": ("strict", "flexible"),
+    "logging.wandb": ("online", "offline", "disabled"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The whole resolved config."""
+
+    algorithm: dict[str, Any]
+    run: RunConfig = RunConfig()
+    model: ModelConfig = ModelConfig()
+    task: TaskConfig = TaskConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    logging: LoggingConfig = LoggingConfig()
+    mesh: MeshConfig = MeshConfig()
+    source: str = ""
+
+    @property
+    def algorithm_name(self) -> str:
+        """The algorithm's name."""
+        return self.algorithm["name"]
+
+    @property
+    def hyperparameters(self) -> dict[str, Any]:
+        """The algorithm's hyperparameter overrides (without `name`)."""
+        return {k: v for k, v in self.algorithm.items() if k != "name"}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config as nested dictionaries (what `--print-config` prints).
+
+        **Returns:**
+
+        A TOML-serialisable dictionary.
+        """
+        out: dict[str, Any] = {"algorithm": dict(self.algorithm)}
+        for section in SECTIONS:
+            out[section] = dataclasses.asdict(getattr(self, section))
+        return out
+
+    def to_toml(self) -> str:
+        """The resolved config as TOML text (`None` values are left out).
+
+        **Returns:**
+
+        TOML text.
+        """
+        return tomli_w.dumps(_drop_none(self.to_dict()))
+
+
+def _drop_none(tree):
+    if isinstance(tree, dict):
+        return {k: _drop_none(v) for k, v in tree.items() if v is not None}
+    return tree
+
+
+def _suggest(key: str, valid) -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is Any:
+        return True
+    return isinstance(value, origin or annotation)
+
+
+def _type_name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _check_value(where: str, value: Any, expected: Any) -> Any:
+    if not _type_ok(value, expected):
+        raise ConfigError(
+            f"{where}: expected {_type_name(expected)}, got {type(value).__name__} {value!r}"
+        )
+    if isinstance(value, int) and not isinstance(value, bool) and expected is float:
+        value = float(value)
+    if where in CHOICES and value not in CHOICES[where]:
+        raise ConfigError(
+            f"{where}: {value!r} is not one of {', '.join(repr(c) for c in CHOICES[where])}"
+        )
+    return value
+
+
+def _build_section(name: str, table: Any) -> Any:
+    cls = SECTIONS[name]
+    if not isinstance(table, dict):
+        raise ConfigError(f"[{name}] must be a table")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in table.items():
+        if key not in fields:
+            raise ConfigError(
+                f"unknown key {name}.{key}{_suggest(key, fields)}; valid keys in [{name}]: "
+                f"{', '.join(sorted(fields))}"
+            )
+        values[key] = _check_value(f"{name}.{key}", value, hints[key])
+    return cls(**values)
+
+
+def _build_algorithm(table: Any) -> dict[str, Any]:
+    if not isinstance(table, dict) or "name" not in table:
+        raise ConfigError(f"[algorithm] needs a name: one of {', '.join(algorithms.NAMES)}")
+    name = table["name"]
+    if name not in algorithms.NAMES:
+        raise ConfigError(
+            f"algorithm.name: unknown algorithm {name!r}{_suggest(str(name), algorithms.NAMES)}; "
+            f"valid: {', '.join(algorithms.NAMES)}"
+        )
+    defaults = algorithms.hyperparameters(name)
+    resolved: dict[str, Any] = {"name": name}
+    for key, value in table.items():
+        if key == "name":
+            continue
+        if key not in defaults:
+            raise ConfigError(
+                f"unknown key algorithm.{key} for {name}{_suggest(key, defaults)}; valid keys: "
+                f"name, {', '.join(sorted(defaults))}"
+            )
+        default = defaults[key]
+        expected: Any = type(default) if default is not None else Any
+        if isinstance(default, tuple):
+            expected, value = list, value
+        if isinstance(default, float):
+            expected = float
+        if key in ("dual_clip", "kl_estimator", "overlong_buffer"):
+            expected = Any
+        value = _check_value(f"algorithm.{key}", value, expected)
+        resolved[key] = tuple(value) if isinstance(default, tuple) else value
+    return resolved
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parses one `section.key=value` command-line override.
+
+    **Arguments:**
+
+    - `text`: the override.
+
+    **Returns:**
+
+    `(path, value)`: the dotted path split into parts and the value (TOML-parsed, else a string).
+    """
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def load_config(path: "str | Path", overrides: list[str] = ()) -> Config:
+    """Reads a TOML config and applies `section.key=value` overrides.
+
+    **Arguments:**
+
+    - `path`: the TOML file.
+    - `overrides`: dotted overrides.
+
+    **Returns:**
+
+    The validated `Config`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: invalid TOML: {error}") from None
+    for override in overrides:
+        keys, value = parse_override(override)
+        table = raw
+        for part in keys[:-1]:
+            table = table.setdefault(part, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"override {override!r}: {part} is not a table")
+        table[keys[-1]] = value
+    return build_config(raw, source=str(path))
+
+
+def build_config(raw: dict[str, Any], *, source: str = "") -> Config:
+    """Validates a parsed config dictionary.
+
+    **Arguments:**
+
+    - `raw`: nested dictionaries as TOML gives them.
+    - `source`: where they came from.
+
+    **Returns:**
+
+    The validated `Config`.
+    """
+    valid = {"algorithm", *SECTIONS}
+    for section in raw:
+        if section not in valid:
+            raise ConfigError(
+                f"unknown section [{section}]{_suggest(section, valid)}; valid sections: "
+                f"{', '.join(sorted(valid))}"
+            )
+    sections = {name: _build_section(name, raw.get(name, {})) for name in SECTIONS}
+    config = Config(algorithm=_build_algorithm(raw.get("algorithm")), source=source, **sections)
+    if config.model.init == "pretrained" and not config.model.path:
+        raise ConfigError(
+            "model.path is empty: point it to a local HF model directory (config.json + "
+            '*.safetensors), or set model.init = "random" with model.config'
+        )
+    if config.model.init == "random" and not (config.model.config or config.model.path):
+        raise ConfigError('model.init = "random" needs model.config (an HF config.json)')
+    return config

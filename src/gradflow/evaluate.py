@@ -1,0 +1,113 @@
+"""Held-out evaluation, independent of the training reward: greedy accuracy (strict and flexible
+answer matching), and with `samples = k > 1` pass@k and maj@k at the configured temperature.
+"""
+
+import collections
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import PRNGKeyArray
+
+from .data import Problem
+from .models import Decoder
+from .rewards.gsm8k import extract_answer, is_correct
+from .rollout import generate
+
+
+def _complete(policy, ids, mask, key, *, batch_size, max_new_tokens, temperature, eos, pad):
+    """Completions for every prompt row, in fixed-size batches (one compilation)."""
+    texts_tokens = []
+    rows = ids.shape[0]
+    for start in range(0, rows, batch_size):
+        chunk_ids = ids[start : start + batch_size]
+        chunk_mask = mask[start : start + batch_size]
+        short = batch_size - chunk_ids.shape[0]
+        if short:
+            chunk_ids = np.concatenate([chunk_ids, np.repeat(chunk_ids[-1:], short, 0)])
+            chunk_mask = np.concatenate([chunk_mask, np.repeat(chunk_mask[-1:], short, 0)])
+        key, sub = jax.random.split(key)
+        out = generate(
+            policy,
+            jnp.asarray(chunk_ids),
+            jnp.asarray(chunk_mask),
+            key=sub,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            eos_token_ids=eos,
+            pad_token_id=pad,
+        )
+        tokens, keep = np.asarray(out.tokens), np.asarray(out.mask)
+        texts_tokens.extend(tokens[i][keep[i]] for i in range(batch_size - short))
+    return texts_tokens
+
+
+def evaluate(
+    policy: Decoder,
+    tokenizer,
+    problems: Sequence[Problem],
+    prompt_ids: np.ndarray,
+    prompt_mask: np.ndarray,
+    *,
+    key: PRNGKeyArray,
+    max_new_tokens: int,
+    eos_token_ids: tuple[int, ...],
+    pad_token_id: int,
+    batch_size: int = 256,
+    samples: int = 1,
+    temperature: float = 1.0,
+) -> tuple[dict[str, float], list[dict]]:
+    """Evaluates `policy` on held-out problems.
+
+    **Arguments:**
+
+    - `policy`: the model.
+    - `tokenizer`: decodes completions.
+    - `problems`: the held-out problems (references in `answer`).
+    - `prompt_ids`, `prompt_mask`: their left-padded prompts.
+    - `key`: PRNG key for sampled completions.
+    - `max_new_tokens`: completion cap.
+    - `eos_token_ids`, `pad_token_id`: from the tokenizer.
+    - `batch_size`: prompts per generation call.
+    - `samples`: k for pass@k / maj@k (1: greedy only).
+    - `temperature`: sampling temperature for k > 1.
+
+    **Returns:**
+
+    `(metrics, records)`: `eval/accuracy` (greedy, strict), `eval/accuracy_flexible`,
+    `eval/pass@k`, `eval/maj@k`, and one record per problem (question, completion, correct).
+    """
+    common = dict(
+        batch_size=batch_size, max_new_tokens=max_new_tokens, eos=eos_token_ids, pad=pad_token_id
+    )
+    greedy = _complete(policy, prompt_ids, prompt_mask, key, temperature=0.0, **common)
+    records, strict, flexible = [], [], []
+    for problem, tokens in zip(problems, greedy, strict=True):
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        ok_strict = is_correct(text, problem.answer, mode="strict")
+        ok_flexible = is_correct(text, problem.answer, mode="flexible")
+        strict.append(ok_strict)
+        flexible.append(ok_flexible)
+        records.append({"question": problem.question, "completion": text, "correct": ok_strict})
+    metrics = {
+        "eval/accuracy": float(np.mean(strict)),
+        "eval/accuracy_flexible": float(np.mean(flexible)),
+    }
+    if samples > 1:
+        ids = np.repeat(prompt_ids, samples, axis=0)
+        mask = np.repeat(prompt_mask, samples, axis=0)
+        sampled = _complete(policy, ids, mask, key, temperature=temperature, **common)
+        passes, majorities = [], []
+        for i, problem in enumerate(problems):
+            texts = [
+                tokenizer.decode(t, skip_special_tokens=True)
+                for t in sampled[i * samples : (i + 1) * samples]
+            ]
+            passes.append(any(is_correct(t, problem.answer, mode="strict") for t in texts))
+            answers = [a for a in (extract_answer(t, mode="strict") for t in texts) if a]
+            vote = collections.Counter(answers).most_common(1)
+            majorities.append(bool(vote) and is_correct(f"#### {vote[0][0]}", problem.answer))
+        metrics[f"eval/pass@{samples}"] = float(np.mean(passes))
+        metrics[f"eval/maj@{samples}"] = float(np.mean(majorities))
+    return metrics, records
