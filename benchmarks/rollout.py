@@ -4,7 +4,8 @@ Both sides get identical random weights (an HF model of the config is built, wri
 `save_pretrained` and read back with `gradflow.models.load_hf`), the same batch of prompts, sample
 at temperature 1 (no top-k/top-p) and generate exactly `--new-tokens` tokens per row (no early EOS:
 gradflow gets no EOS ids, HF gets `min_new_tokens=new_tokens`). Timings are the median of
-`--repeats` runs after one warm-up run; gradflow's compile time is reported separately.
+`--repeats` runs (alternating between the two) after one warm-up run each; gradflow's compile
+time (first call minus median) is reported separately.
 
 Imports only `gradflow.models` and `gradflow.rollout` from gradflow (plus torch/transformers for
 the baseline), so it runs in a minimal GPU image.
@@ -82,20 +83,31 @@ def hf_config_dict(args: argparse.Namespace) -> dict:
     return config
 
 
-def timed(fn, repeats: int) -> tuple[float, list[float]]:
-    """Wall time of a first (warm-up / compiling) call and of `repeats` further calls."""
-    start = time.perf_counter()
-    fn(0)
-    first = time.perf_counter() - start
-    times = []
-    for i in range(repeats):
+def measure(runners: dict, repeats: int) -> dict:
+    """Wall time of each runner's first (warm-up / compiling) call, then of `repeats` further calls.
+
+    The timed calls alternate between the runners, so that both see the same machine load.
+    """
+    results = {}
+    for name, run in runners.items():
+        print(f"warm-up {name} ...", file=sys.stderr, flush=True)
         start = time.perf_counter()
-        fn(i + 1)
-        times.append(time.perf_counter() - start)
-    return first, times
+        run(0)
+        results[name] = {"first_s": time.perf_counter() - start, "times_s": []}
+    for i in range(repeats):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            run(i + 1)
+            results[name]["times_s"].append(time.perf_counter() - start)
+    for result in results.values():
+        result["median_s"] = statistics.median(result["times_s"])
+    gradflow = results["gradflow"]
+    gradflow["compile_s"] = max(gradflow["first_s"] - gradflow["median_s"], 0.0)
+    return results
 
 
-def bench_gradflow(model, prompt_ids, args) -> dict:
+def gradflow_runner(model, prompt_ids, args):
+    """One call of `gradflow.rollout.generate` (blocking until the tokens are ready)."""
     ids = jnp.asarray(prompt_ids)
     mask = jnp.ones_like(ids)
 
@@ -112,12 +124,11 @@ def bench_gradflow(model, prompt_ids, args) -> dict:
         lengths = np.asarray(jax.block_until_ready(completions.lengths))
         assert (lengths == args.new_tokens).all(), "gradflow generated fewer tokens than asked"
 
-    first, times = timed(run, args.repeats)
-    median = statistics.median(times)
-    return {"first_s": first, "compile_s": max(first - median, 0.0), "times_s": times}
+    return run
 
 
-def bench_hf(hf_model, prompt_ids, args, torch, device) -> dict:
+def hf_runner(hf_model, prompt_ids, args, torch, device):
+    """One call of HF `generate` with the same sampling settings (synchronised on GPU)."""
     ids = torch.as_tensor(prompt_ids, dtype=torch.long, device=device)
     mask = torch.ones_like(ids)
 
@@ -140,8 +151,7 @@ def bench_hf(hf_model, prompt_ids, args, torch, device) -> dict:
             torch.cuda.synchronize()
         assert out.shape[1] == ids.shape[1] + args.new_tokens, "HF generated a different length"
 
-    first, times = timed(run, args.repeats)
-    return {"first_s": first, "times_s": times}
+    return run
 
 
 def build_models(args, config_dict: dict, workdir: Path):
@@ -175,14 +185,14 @@ def table(results: dict, args, config: ModelConfig, tokens: int) -> str:
         f"heads={config.num_heads}/{config.num_kv_heads} vocab={config.vocab_size} "
         f"params={config.num_parameters / 1e6:.1f}M",
         f"batch={args.batch} prompt_len={args.prompt_len} new_tokens={args.new_tokens} "
-        f"repeats={args.repeats} (median after 1 warm-up)",
+        f"repeats={args.repeats} (median after 1 warm-up, runs interleaved)",
         "",
         "| implementation | first call s | compile s | median s | min s | tokens/s | speedup |",
         "|---|---|---|---|---|---|---|",
     ]
-    rates = {name: tokens / statistics.median(r["times_s"]) for name, r in results.items()}
+    rates = {name: tokens / r["median_s"] for name, r in results.items()}
     for name, result in results.items():
-        median = statistics.median(result["times_s"])
+        median = result["median_s"]
         compile_s = f"{result['compile_s']:.2f}" if "compile_s" in result else "-"
         speedup = f"{rates[name] / rates['hf']:.1f}x" if "hf" in rates else "-"
         rows.append(
@@ -213,15 +223,10 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model, hf_model, torch, device = build_models(args, config_dict, Path(tmp))
 
-    results = {}
+    runners = {"gradflow": gradflow_runner(model, prompt_ids, args)}
     if hf_model is not None:
-        print("timing HF generate ...", file=sys.stderr, flush=True)
-        results["hf"] = bench_hf(hf_model, prompt_ids, args, torch, device)
-        del hf_model
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    print("timing gradflow generate ...", file=sys.stderr, flush=True)
-    results = {"gradflow": bench_gradflow(model, prompt_ids, args), **results}
+        runners["hf"] = hf_runner(hf_model, prompt_ids, args, torch, device)
+    results = measure(runners, args.repeats)
 
     text = table(results, args, config, tokens)
     print(text)

@@ -5,6 +5,10 @@ A checkpoint is written into a temporary directory, flushed to disk, then rename
 `.tmp-*` directory, which the next save removes. The last `keep` checkpoints are kept.
 Restoring fills a template state (same structure, e.g. a fresh `init_state`) leaf by leaf, by
 key path, with each leaf's sharding.
+
+With several processes every process calls `save_checkpoint` (arrays spread over processes are
+gathered with `process_allgather`, a collective) and process 0 alone writes; a write error on
+process 0 is raised on every process.
 """
 
 import json
@@ -16,6 +20,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
 from safetensors.numpy import load_file, save_file
 
 STATE_FILE = "state.safetensors"
@@ -36,9 +42,24 @@ def _flatten(state) -> dict[str, Any]:
     return {jax.tree_util.keystr(path): leaf for path, leaf in leaves}
 
 
-def _host(leaf) -> np.ndarray:
+def to_host(leaf) -> np.ndarray:
+    """One array as a whole numpy array on this host (PRNG keys as their key data).
+
+    An array spread over several processes is gathered with `process_allgather`: a collective
+    that every process must call.
+
+    **Arguments:**
+
+    - `leaf`: a `jax.Array` (or anything `np.asarray` takes).
+
+    **Returns:**
+
+    The numpy array.
+    """
     if _is_key(leaf):
         leaf = jax.random.key_data(leaf)
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
     return np.asarray(jax.device_get(leaf))
 
 
@@ -69,34 +90,56 @@ def save_checkpoint(
     """
     directory = Path(directory)
     final = directory / f"{PREFIX}{step:08d}"
-    tmp = directory / f".tmp-{PREFIX}{step:08d}-{os.getpid()}"
+    leaves = _flatten(state)
+    tensors = {name: to_host(leaf) for name, leaf in leaves.items()}
+    keys = sorted(name for name, leaf in leaves.items() if _is_key(leaf))
+    manifest = {"step": step, "prng_keys": keys, "leaves": sorted(tensors), **metadata}
+    error = None
+    if jax.process_index() == 0:
+        try:
+            _write(directory, final, tensors, manifest)
+        except OSError as failure:
+            error = failure.strerror or str(failure)
+            if failure.filename:
+                error += f" ({failure.filename})"
+        else:
+            for old in list_checkpoints(directory)[:-keep] if keep > 0 else []:
+                shutil.rmtree(old, ignore_errors=True)
+    if jax.process_count() > 1:
+        failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
+        if failed and error is None:
+            error = "the write failed on process 0"
+    if error is not None:
+        raise CheckpointWriteError(
+            f"could not write checkpoint {final}: {error}; the previous checkpoints are intact"
+        )
+    return final
+
+
+def _write(directory: Path, final: Path, tensors: dict[str, np.ndarray], manifest: dict) -> None:
+    """Writes a checkpoint into a temporary directory, then renames it to `final`."""
+    tmp = directory / f".tmp-{final.name}-{os.getpid()}"
     try:
         directory.mkdir(parents=True, exist_ok=True)
         for stale in directory.glob(".tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
-        leaves = _flatten(state)
-        tensors = {name: _host(leaf) for name, leaf in leaves.items()}
-        keys = sorted(name for name, leaf in leaves.items() if _is_key(leaf))
         save_file(tensors, str(tmp / STATE_FILE))
-        manifest = {"step": step, "prng_keys": keys, "leaves": sorted(tensors), **metadata}
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
         for file in (STATE_FILE, MANIFEST_FILE):
             with open(tmp / file, "rb") as handle:
                 os.fsync(handle.fileno())
-        if final.exists():
-            shutil.rmtree(final)
+        aside = None
+        if final.exists():  # the same step again (e.g. interrupted right after a resume)
+            aside = directory / f".tmp-replaced-{final.name}-{os.getpid()}"
+            os.rename(final, aside)
         os.rename(tmp, final)
         _fsync_dir(directory)
-    except OSError as error:
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+    except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointWriteError(
-            f"could not write checkpoint {final}: {error.strerror or error}; "
-            "the previous checkpoints are intact"
-        ) from None
-    for old in list_checkpoints(directory)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+        raise
 
 
 def list_checkpoints(directory: "str | Path") -> list[Path]:
@@ -136,7 +179,8 @@ def read_manifest(checkpoint: "str | Path") -> dict[str, Any]:
 
 
 def restore_checkpoint(checkpoint: "str | Path", template):
-    """Fills `template` with a checkpoint's arrays (each put with the template leaf's sharding).
+    """Fills `template` with a checkpoint's arrays (each placed with the template leaf's sharding,
+    on one process or many).
 
     **Arguments:**
 
@@ -158,14 +202,22 @@ def restore_checkpoint(checkpoint: "str | Path", template):
                 f"{checkpoint}: no array {name!r} (the config changed since it was written?)"
             )
         array = tensors[name]
-        if _is_key(leaf):
-            value = jax.random.wrap_key_data(jnp.asarray(array))
-        else:
-            if array.shape != leaf.shape:
-                raise ValueError(
-                    f"{checkpoint}: {name!r} has shape {array.shape}, expected {leaf.shape}"
-                )
-            value = jnp.asarray(array, dtype=leaf.dtype)
         sharding = getattr(leaf, "sharding", None)
-        restored.append(jax.device_put(value, sharding) if sharding is not None else value)
+        if _is_key(leaf):
+            if isinstance(sharding, NamedSharding):
+                sharding = NamedSharding(sharding.mesh, PartitionSpec())
+            data = _place(array, sharding)
+            restored.append(jax.random.wrap_key_data(data, impl=jax.random.key_impl(leaf)))
+            continue
+        if array.shape != leaf.shape:
+            raise ValueError(
+                f"{checkpoint}: {name!r} has shape {array.shape}, expected {leaf.shape}"
+            )
+        restored.append(_place(array.astype(leaf.dtype), sharding))
     return jax.tree_util.tree_unflatten(treedef, restored)
+
+
+def _place(array: np.ndarray, sharding) -> jax.Array:
+    if sharding is None:
+        return jnp.asarray(array)
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])

@@ -2,7 +2,8 @@
 
 W&B mode: `WANDB_MODE` in the environment wins over `[logging] wandb`. `online` without an API
 key falls back to `offline` with a one-line notice saying how to `wandb sync` later. On resume,
-records after the restored step are dropped so the files read as one uninterrupted run.
+records after the restored step are dropped so the files read as one uninterrupted run. With
+several processes only process 0 writes (the others keep the history in memory).
 """
 
 import json
@@ -68,18 +69,23 @@ def wandb_mode(configured: str) -> str:
 class RunLogger:
     """Writes metrics and samples to the run directory and to W&B."""
 
-    def __init__(self, run_dir: Path, config: Config, *, resumed_step: int | None):
+    def __init__(
+        self, run_dir: Path, config: Config, *, resumed_step: int | None, write: bool = True
+    ):
         self.run_dir = run_dir
         self.metrics_path = run_dir / "metrics.jsonl"
         self.samples_path = run_dir / "samples.jsonl"
         self.history: list[dict] = []
+        self.write = write
+        self.run = None
+        if not write:
+            return
         if resumed_step is not None:
             self.history = _truncate(self.metrics_path, resumed_step)
             _truncate(self.samples_path, resumed_step)
         else:
             for path in (self.metrics_path, self.samples_path):
                 path.unlink(missing_ok=True)
-        self.run = None
         mode = wandb_mode(config.logging.wandb)
         if mode != "disabled":
             import wandb
@@ -118,6 +124,8 @@ class RunLogger:
         """
         record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
         self.history.append(record)
+        if not self.write:
+            return
         with open(self.metrics_path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
         if self.run is not None:
@@ -135,6 +143,8 @@ class RunLogger:
 
         Nothing.
         """
+        if not self.write:
+            return
         with open(self.samples_path, "a") as handle:
             for row in rows:
                 handle.write(json.dumps({"step": step, **row}) + "\n")

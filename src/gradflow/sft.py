@@ -379,35 +379,44 @@ def evaluate(
 
 
 def _model_card(config: SFTConfig, record: dict[str, Any]) -> str:
-    m = config.model
-    return f"""# toy-arith: the embedded default base model
+    m, o = config.model, config.optimizer
+    shape = (
+        f"hidden {m.hidden_size}, {m.num_layers} layers, {m.num_heads} attention heads "
+        f"({m.num_kv_heads} key-value heads, head_dim {m.head_dim}), intermediate "
+        f"{m.intermediate_size}, tied embeddings: {record['num_parameters']:,} parameters (float32)"
+    )
+    training = (
+        f"seed {config.run.seed}; {record['steps']} AdamW steps of {config.train.batch_size} "
+        f"sequences (learning rate {o.learning_rate}, {o.warmup_steps} warmup steps); "
+        "cross-entropy on the answer and EOS tokens only; stopped at the first held-out "
+        f"evaluation (every {config.eval.every} steps) with greedy accuracy >= "
+        f"{config.eval.stop_at_accuracy}"
+    )
+    return f"""# toy-arith: gradflow's embedded default base model
 
-A tiny {m.model_type} decoder (Hugging Face format) that gradflow's RL examples start from. It was
-trained from random weights with supervised fine-tuning (teacher forcing) on gradflow's embedded
-arithmetic task (`gradflow.tasks.arithmetic`, default `ArithmeticTask()`), and training was
-deliberately stopped at partial competence so that RL has room to improve it.
+A tiny {m.model_type} decoder in Hugging Face format, the model gradflow's RL examples start from
+(`model.path = "gradflow:toy-arith"`). It was trained from random weights by supervised
+fine-tuning (teacher forcing) on gradflow's embedded arithmetic task (`gradflow.tasks.arithmetic`,
+default `ArithmeticTask()`) and deliberately stopped at partial competence, so that RL has room
+to improve it.
 
-- Prompt: `task_prompt(question)`, e.g. `"41+17-25=?\\n"`; completion: the worked answer ending in
-  `#### N`, then `<eos>`.
-- Tokenizer: the character-level tokenizer of `gradflow.tasks.tokenizer` (`<pad>` 0, `<eos>` 1,
-  left padding), {record["vocab_size"]} tokens; loads with `transformers.AutoTokenizer`.
-- Shape: hidden {m.hidden_size}, {m.num_layers} layers, {m.num_heads} heads ({m.num_kv_heads} KV
-  heads, head_dim {m.head_dim}), intermediate {m.intermediate_size}, tied embeddings,
-  {record["num_parameters"]:,} parameters, float32.
-- Training: seed {config.run.seed}, {record["steps"]} AdamW steps of {config.train.batch_size}
-  sequences (learning rate {config.optimizer.learning_rate}), cross-entropy on the answer and
-  EOS tokens only; stopped at the first held-out evaluation with greedy accuracy
-  >= {config.eval.stop_at_accuracy}.
-- Held-out accuracy ({record["eval_size"]} test-split problems, strict `#### N` grading):
-  greedy {record["greedy_accuracy"]:.3f}, sampled at temperature 1 {record["sampled_accuracy"]:.3f}.
+- Prompt: `task_prompt(question)`, e.g. `41+17-25=?` and a newline. Completion: the worked
+  answer, one step per line, ending in `#### N`, then `<eos>`.
+- Tokenizer: the character-level tokenizer of `gradflow.tasks.tokenizer` ({record["vocab_size"]}
+  tokens, `<pad>` 0, `<eos>` 1, left padding); loads with `transformers.AutoTokenizer`.
+- Shape: {shape}.
+- Training: {training}.
+- Held-out accuracy on {record["eval_size"]} test-split problems (strict `#### N` grading):
+  greedy {record["greedy_accuracy"]:.3f}; sampled at temperature 1 {record["sampled_accuracy"]:.3f}.
 
-Made with (from the repository root; deterministic on CPU for a given seed):
+Made with (from the repository root; deterministic for a given seed on CPU):
 
 ```
 {record["command"]}
 ```
 
-`training.json` holds the seed, steps, accuracies and the full resolved config.
+`training.json` holds the seed, the steps, the accuracies, the evaluation history and the full
+resolved config.
 """
 
 
@@ -456,12 +465,16 @@ def run_sft(
     ids, mask = teacher_forcing_batch(tokenizer, train, prompt_len, completion_len)
 
     optimizer = config.optimizer.transform()
-    opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
+    opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
 
     @eqx.filter_jit
     def train_step(model, opt_state, batch_ids, batch_mask):
         loss, grads = eqx.filter_value_and_grad(sft_loss)(model, batch_ids, batch_mask, prompt_len)
-        updates, opt_state = optimizer.update(grads, opt_state, eqx.filter(model, eqx.is_array))
+        params = eqx.filter(model, eqx.is_inexact_array)
+        # optax's bias correction raises a Python float to an int32 count, which strict dtype
+        # promotion (used in tests) rejects; the result is the same under standard promotion.
+        with jax.numpy_dtype_promotion("standard"):
+            updates, opt_state = optimizer.update(grads, opt_state, params)
         return eqx.apply_updates(model, updates), opt_state, loss
 
     def held_out_accuracy(model, temperature: float, key) -> float:

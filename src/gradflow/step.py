@@ -5,12 +5,17 @@ algorithm runs. The update is a nested `lax.scan`: epochs, then a shuffled batch
 minibatches, then micro-batches whose gradients are accumulated exactly (losses are
 numerator / whole-minibatch denominator). Old log-probs, reference log-probs and old values are
 computed once, before the first epoch. Every metric is computed over the whole batch.
+
+With a device mesh the sequences are split over `data × fsdp` (replicated for the host reward,
+which scores the whole batch once), the state keeps the layout of `gradflow.sharding` (so its
+donated buffers are reused and shardings never drift) and the metrics come out replicated.
 """
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from .algorithms import Algorithm
@@ -19,6 +24,7 @@ from .critic import Critic
 from .logprobs import completion_logprobs
 from .losses import aggregate, aggregation_denominator, kl, policy_loss, value_loss
 from .models import Decoder
+from .sharding import constrain_replicated, constrain_rows, constrain_state
 from .state import TrainState
 
 SAMPLES_LOGGED = 4
@@ -42,17 +48,18 @@ def _masked_mean(x: Array, mask: Array) -> Array:
     return jnp.sum(x * m) / jnp.maximum(jnp.sum(m), 1.0)
 
 
-def _split(tree, parts: int):
-    return jax.tree.map(lambda x: x.reshape(parts, x.shape[0] // parts, *x.shape[1:]), tree)
+def _split(tree, parts: int, mesh: Mesh | None):
+    split = jax.tree.map(lambda x: x.reshape(parts, x.shape[0] // parts, *x.shape[1:]), tree)
+    return constrain_rows(split, mesh, axis=1)
 
 
 def _merge(tree):
     return jax.tree.map(lambda x: x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]), tree)
 
 
-def _in_micro_batches(fn, inputs, parts: int):
+def _in_micro_batches(fn, inputs, parts: int, mesh: Mesh | None):
     """`fn` over `parts` row splits of `inputs`, one at a time (bounded memory)."""
-    return _merge(jax.lax.map(fn, _split(inputs, parts)))
+    return constrain_rows(_merge(jax.lax.map(fn, _split(inputs, parts, mesh))), mesh)
 
 
 def _token_rewards(
@@ -133,6 +140,7 @@ def _update(
     batch: UpdateBatch,
     prompt_len: int,
     key: PRNGKeyArray,
+    mesh: Mesh | None,
 ) -> tuple[TrainState, dict[str, Array]]:
     """Epochs × minibatches × micro-batches of optimizer updates (nested `lax.scan`)."""
     loss = algorithm.loss
@@ -159,7 +167,7 @@ def _update(
         policy, policy_opt, critic, critic_opt = carry
         models = (policy, critic)
         denominator = aggregation_denominator(minibatch.mask, loss.agg)
-        micro_batches = _split(minibatch, micro)
+        micro_batches = _split(minibatch, micro, mesh)
 
         def micro_step(acc, micro_batch):
             out = grad_fn(models, micro_batch, denominator)
@@ -168,23 +176,28 @@ def _update(
         shapes = eqx.filter_eval_shape(
             grad_fn, models, jax.tree.map(lambda x: x[0], micro_batches), denominator
         )
-        init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        init = constrain_state(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), mesh)
         (grads, (parts, sums)), _ = jax.lax.scan(micro_step, init, micro_batches)
+        grads = constrain_state(grads, mesh)
         g_policy, g_critic = grads
         skipped = _nonfinite(g_policy) | (_nonfinite(g_critic) if train_critic else False)
         params = eqx.filter(policy, eqx.is_inexact_array)
-        updates, new_opt = policy_tx.update(g_policy, policy_opt, params)
+        # optax's bias correction raises a Python float to an int32 count, which strict dtype
+        # promotion (used in tests) rejects; the result is the same under standard promotion.
+        with jax.numpy_dtype_promotion("standard"):
+            updates, new_opt = policy_tx.update(g_policy, policy_opt, params)
         new_policy = eqx.apply_updates(policy, updates)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(skipped, b, a), new, old)  # noqa: E731
         policy, policy_opt = keep((new_policy, new_opt), (policy, policy_opt))
-        metrics = {**parts, **sums, "grad_norm": optax.global_norm(g_policy)}
+        metrics = {**parts, **sums, "grad_norm": optax.tree.norm(g_policy)}
         if train_critic:
             c_params = eqx.filter(critic, eqx.is_inexact_array)
-            c_updates, new_copt = critic_tx.update(g_critic, critic_opt, c_params)
+            with jax.numpy_dtype_promotion("standard"):
+                c_updates, new_copt = critic_tx.update(g_critic, critic_opt, c_params)
             critic, critic_opt = keep(
                 (eqx.apply_updates(critic, c_updates), new_copt), (critic, critic_opt)
             )
-            metrics["critic_grad_norm"] = optax.global_norm(g_critic)
+            metrics["critic_grad_norm"] = optax.tree.norm(g_critic)
         metrics["skipped"] = skipped.astype(jnp.float32)
         return (policy, policy_opt, critic, critic_opt), metrics
 
@@ -193,7 +206,7 @@ def _update(
         if minibatches > 1:
             order = jax.random.permutation(epoch_key, rows)
             shuffled = jax.tree.map(lambda x: x[order], batch)
-        return jax.lax.scan(minibatch_step, carry, _split(shuffled, minibatches))
+        return jax.lax.scan(minibatch_step, carry, _split(shuffled, minibatches, mesh))
 
     carry = (state.policy, state.policy_opt, state.critic, state.critic_opt)
     carry, per_update = jax.lax.scan(epoch, carry, jax.random.split(key, epochs))
@@ -241,35 +254,45 @@ def _rollout_metrics(completions, rewards) -> dict[str, Array]:
 
 
 def step(
-    algorithm: Algorithm, state: TrainState, prompts: Prompts, key: PRNGKeyArray
+    algorithm: Algorithm,
+    state: TrainState,
+    prompts: Prompts,
+    key: PRNGKeyArray,
+    *,
+    mesh: Mesh | None = None,
 ) -> tuple[TrainState, dict[str, Array]]:
     """One RL iteration, compiled as a whole; the state's buffers are donated.
 
     **Arguments:**
 
     - `algorithm`: the stages and their hyperparameters.
-    - `state`: the train state (donated).
+    - `state`: the train state (donated; laid out by `gradflow.sharding.shard_state` when `mesh`
+      is given).
     - `prompts`: `algorithm.rollout.prompts_to_sample(P)` prompts for a step that trains on `P`.
     - `key`: this step's PRNG key.
+    - `mesh`: the device mesh (`None`: no sharding constraints).
 
     **Returns:**
 
     `(new_state, metrics)`: scalar metrics over the whole batch, plus a few `samples/*` arrays
     (the first completions, their prompt index and reward) for logging.
     """
-    return _compiled_step((algorithm, prompts, key), state)
+    return _compiled_step((algorithm, prompts, key, mesh), state)
 
 
 @eqx.filter_jit(donate="all-except-first")
 def _compiled_step(inputs, state: TrainState) -> tuple[TrainState, dict[str, Array]]:
-    algorithm, prompts, key = inputs
+    algorithm, prompts, key, mesh = inputs
     rollout_key, update_key = jax.random.split(key)
     sampled = prompts.ids.shape[0]
     trained = sampled // algorithm.rollout.prompts_to_sample(1)
     group = algorithm.rollout.group_size
-    completions = algorithm.rollout(state.policy, prompts, rollout_key)
-    repeated = prompts.repeat(group)
-    rewards = algorithm.reward(repeated, completions)
+    completions = constrain_rows(algorithm.rollout(state.policy, prompts, rollout_key), mesh)
+    repeated = constrain_rows(prompts.repeat(group), mesh)
+    # A host reward sees the whole batch once (its callback runs on one device); its small
+    # outputs are broadcast to every device.
+    rewards = algorithm.reward(*constrain_replicated((repeated, completions), mesh))
+    rewards = constrain_replicated(rewards, mesh)
     metrics = _rollout_metrics(completions, rewards)
     shown = min(SAMPLES_LOGGED, completions.tokens.shape[0])
     metrics.update(
@@ -304,6 +327,7 @@ def _compiled_step(inputs, state: TrainState) -> tuple[TrainState, dict[str, Arr
             ],
             inputs,
             parts,
+            mesh,
         )
 
     old_logp = None
@@ -318,7 +342,9 @@ def _compiled_step(inputs, state: TrainState) -> tuple[TrainState, dict[str, Arr
     old_values = None
     if state.critic is not None:
         old_values = jax.lax.stop_gradient(
-            _in_micro_batches(lambda x: state.critic.values(x[0], x[1], prompt_len), inputs, parts)
+            _in_micro_batches(
+                lambda x: state.critic.values(x[0], x[1], prompt_len), inputs, parts, mesh
+            )
         )
     token_rewards = _token_rewards(total, completions.lengths, new)
     if ref_logp is not None and loss.kl_placement == "reward":
@@ -331,16 +357,19 @@ def _compiled_step(inputs, state: TrainState) -> tuple[TrainState, dict[str, Arr
     )
     if old_values is not None:
         metrics["critic/value_mean"] = _masked_mean(old_values, mask)
-    batch = UpdateBatch(
-        ids=ids,
-        full_mask=full_mask,
-        mask=mask,
-        advantages=jax.lax.stop_gradient(advantages),
-        old_logp=old_logp if not loss.reuses_logprobs else None,
-        ref_logp=ref_logp,
-        old_values=old_values,
-        returns=None if returns is None else jax.lax.stop_gradient(returns),
+    batch = constrain_rows(
+        UpdateBatch(
+            ids=ids,
+            full_mask=full_mask,
+            mask=mask,
+            advantages=jax.lax.stop_gradient(advantages),
+            old_logp=old_logp if not loss.reuses_logprobs else None,
+            ref_logp=ref_logp,
+            old_values=old_values,
+            returns=None if returns is None else jax.lax.stop_gradient(returns),
+        ),
+        mesh,
     )
-    state, update_metrics = _update(algorithm, state, batch, prompt_len, update_key)
+    state, update_metrics = _update(algorithm, state, batch, prompt_len, update_key, mesh)
     metrics.update(update_metrics)
-    return state, metrics
+    return constrain_state(state, mesh), constrain_replicated(metrics, mesh)

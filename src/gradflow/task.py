@@ -22,6 +22,28 @@ from .tasks import ArithmeticTask, generate, task_prompt
 ASSET_PREFIX = "gradflow:"
 
 
+def model_directory(path: str) -> Path:
+    """The model directory a config names, checked to exist.
+
+    **Arguments:**
+
+    - `path`: `model.path` as written in the config.
+
+    **Returns:**
+
+    The directory.
+    """
+    directory = resolve_path(path)
+    if not directory.is_dir():
+        repo = f"Qwen/{directory.name}" if "qwen" in directory.name.lower() else "ORG/MODEL"
+        raise FileNotFoundError(
+            f"model.path {directory} does not exist: download an HF model, e.g. "
+            f"`huggingface-cli download {repo} --local-dir {directory}`, or "
+            "set model.path to a local directory with config.json and *.safetensors"
+        )
+    return directory
+
+
 def resolve_path(path: str) -> Path:
     """A config path: `gradflow:NAME` is a shipped asset, anything else is relative to the cwd.
 
@@ -135,7 +157,13 @@ def build_task(config: Config) -> Task:
     The `Task`.
     """
     tc = config.task
-    model_dir = resolve_path(config.model.path) if config.model.path else None
+    model_dir = None
+    if config.model.path:
+        model_dir = (
+            model_directory(config.model.path)
+            if config.model.init == "pretrained"
+            else resolve_path(config.model.path)
+        )
     tokenizer_path = config.model.tokenizer or (str(model_dir) if model_dir else None)
     tokenizer = load_tokenizer(resolve_path(tokenizer_path) if tokenizer_path else None)
     if tc.name == "arithmetic":

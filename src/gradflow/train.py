@@ -3,11 +3,18 @@
 The prompts of step `i` depend only on the seed and `i` (a fresh permutation of the train split
 each epoch), and step `i` uses `fold_in(state.key, i)`: a run resumed from a checkpoint
 continues exactly as if it had never stopped.
+
+Every run uses a mesh over all devices (`[mesh]`, `gradflow.sharding`). With several processes
+(`jax.distributed`) every process runs this same loop on the same prompts and process 0 alone
+writes the run directory (metrics, W&B, evaluations, checkpoints, the HF export). Ctrl-C ends
+the step in flight, saves a checkpoint and exits with status 130 (a second Ctrl-C stops at once).
 """
 
 import dataclasses
 import json
 import logging
+import signal
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -15,19 +22,27 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from . import algorithms
 from .batch import Prompts
-from .checkpoint import list_checkpoints, read_manifest, restore_checkpoint, save_checkpoint
+from .checkpoint import (
+    list_checkpoints,
+    read_manifest,
+    restore_checkpoint,
+    save_checkpoint,
+    to_host,
+)
 from .config import Config
 from .evaluate import evaluate
 from .models import ModelConfig, init_from_config, load_hf, save_hf
 from .plots import plot_curves
 from .run_log import RunLogger
+from .sharding import check_batch, make_mesh, shard_prompts, shard_state
 from .state import TrainState, init_state
 from .step import step as rl_step
-from .task import Task, build_task, resolve_path
+from .task import Task, build_task, model_directory, resolve_path
 
 logger = logging.getLogger(__name__)
 
@@ -90,14 +105,7 @@ def load_policy(config: Config):
     else:
         if mc.overrides:
             raise ValueError('model.overrides only applies with model.init = "random"')
-        path = resolve_path(mc.path)
-        if not path.is_dir():
-            raise FileNotFoundError(
-                f"model.path {path} does not exist: download an HF model (e.g. "
-                "`huggingface-cli download Qwen/Qwen2.5-1.5B-Instruct --local-dir DIR`) and set "
-                "model.path = DIR"
-            )
-        policy = load_hf(path, dtype=dtype)
+        policy = load_hf(model_directory(mc.path), dtype=dtype)
     return dataclasses.replace(policy, compute_dtype=jnp.dtype(compute).name, remat=mc.remat)
 
 
@@ -132,8 +140,21 @@ def run_directory(config: Config, config_name: str) -> Path:
         path = Path(config.run.output_dir)
     else:
         path = Path("runs") / f"{config_name}-{datetime.now():%Y%m%d-%H%M%S}"
-    path.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def _same_on_every_process(value: int, what: str) -> None:
+    """Raises unless every process holds the same `value` (e.g. the step a resume starts at)."""
+    if jax.process_count() == 1:
+        return
+    first = int(multihost_utils.broadcast_one_to_all(np.int64(value)))
+    if first != value:
+        raise TrainingError(
+            f"process {jax.process_index()} found {what} {value}, process 0 found {first}: "
+            "run.output_dir must be on a file system every host sees"
+        )
 
 
 class Trainer:
@@ -142,6 +163,21 @@ class Trainer:
     def __init__(self, config: Config, run_dir: Path):
         self.config = config
         self.run_dir = run_dir
+        self.main_process = jax.process_index() == 0
+        self.checkpoints = run_dir / "checkpoints"
+        latest = None
+        if config.run.resume:
+            found = list_checkpoints(self.checkpoints)
+            latest = found[-1] if found else None
+            done = int(read_manifest(latest)["step"]) if latest else 0
+            _same_on_every_process(done, "a latest checkpoint at step")
+            if done >= config.train.steps:
+                raise AlreadyFinished(
+                    f"{run_dir} already finished {done} of {config.train.steps} steps; "
+                    "nothing to do"
+                )
+        self.start_step = 0
+        self.mesh = make_mesh(config.mesh)
         self.task = build_task(config)
         policy = load_policy(config)
         self.algorithm = algorithms.make(
@@ -153,37 +189,37 @@ class Trainer:
         )
         self.max_new_tokens = self.algorithm.rollout.max_new_tokens
         _check_shapes(config, self.task, policy, self.max_new_tokens)
-        self.state: TrainState = init_state(
-            self.algorithm, policy, key=jax.random.key(config.run.seed)
+        check_batch(config.train.prompts_per_step, self.algorithm.rollout.group_size, self.mesh)
+        policy = shard_state(policy, self.mesh)
+        self.state: TrainState = shard_state(
+            init_state(self.algorithm, policy, key=jax.random.key(config.run.seed)), self.mesh
         )
-        self.checkpoints = run_dir / "checkpoints"
-        self.start_step = 0
         resumed = None
-        if config.run.resume:
-            found = list_checkpoints(self.checkpoints)
-            if found:
-                manifest = read_manifest(found[-1])
-                self.state = restore_checkpoint(found[-1], self.state)
-                self.start_step = resumed = int(manifest["step"])
-                print(f"resuming from {found[-1]} (step {self.start_step})")
-            else:
-                print(f"resume: no checkpoint in {self.checkpoints}, starting from step 0")
-        if resumed is not None and resumed >= config.train.steps:
-            raise AlreadyFinished(
-                f"{run_dir} already finished {resumed} of {config.train.steps} steps; nothing to do"
-            )
-        (run_dir / "config.toml").write_text(config.to_toml())
-        self.log = RunLogger(run_dir, config, resumed_step=resumed)
+        if latest is not None:
+            self.state = restore_checkpoint(latest, self.state)
+            self.start_step = resumed = int(read_manifest(latest)["step"])
+            self._print(f"resuming from {latest} (step {resumed})")
+        elif config.run.resume:
+            self._print(f"resume: no checkpoint in {self.checkpoints}, starting from step 0")
+        if self.main_process:
+            (run_dir / "config.toml").write_text(config.to_toml())
+        self.log = RunLogger(run_dir, config, resumed_step=resumed, write=self.main_process)
+        self.interrupted = False
+
+    def _print(self, message: str) -> None:
+        if self.main_process:
+            print(message, flush=True)
 
     def _prompts(self, step: int) -> Prompts:
         bank = self.task.train_prompts
         count = self.algorithm.rollout.prompts_to_sample(self.config.train.prompts_per_step)
         rows = prompt_indices(step, count, bank.ids.shape[0], self.config.run.seed)
-        return Prompts(
+        prompts = Prompts(
             ids=jnp.asarray(bank.ids[rows]),
             mask=jnp.asarray(bank.mask[rows]),
             index=jnp.asarray(rows),
         )
+        return shard_prompts(prompts, self.mesh)
 
     def evaluate(self, step: int) -> dict[str, float]:
         """Held-out evaluation of the current policy, logged at `step`.
@@ -214,11 +250,12 @@ class Trainer:
             samples=ec.samples,
             temperature=ec.temperature,
         )
-        (self.run_dir / "eval").mkdir(exist_ok=True)
-        with open(self.run_dir / "eval" / f"step_{step:06d}.jsonl", "w") as handle:
-            handle.writelines(json.dumps(r) + "\n" for r in records)
         self.log.log(step, {**metrics, "time/eval_s": time.perf_counter() - start})
-        plot_curves(self.log.history, self.run_dir / "curves.png", self.config.algorithm_name)
+        if self.main_process:
+            (self.run_dir / "eval").mkdir(exist_ok=True)
+            with open(self.run_dir / "eval" / f"step_{step:06d}.jsonl", "w") as handle:
+                handle.writelines(json.dumps(r) + "\n" for r in records)
+            plot_curves(self.log.history, self.run_dir / "curves.png", self.config.algorithm_name)
         return metrics
 
     def _checkpoint(self, step: int) -> None:
@@ -234,6 +271,8 @@ class Trainer:
         )
 
     def _samples(self, step: int, metrics: dict) -> None:
+        if not self.main_process:
+            return
         tokens, mask = np.asarray(metrics["samples/tokens"]), np.asarray(metrics["samples/mask"])
         index, reward = np.asarray(metrics["samples/prompt_index"]), metrics["samples/reward"]
         rows = []
@@ -249,13 +288,44 @@ class Trainer:
             )
         self.log.log_samples(step, rows)
 
+    def _on_sigint(self, signum, frame) -> None:
+        """The first Ctrl-C asks the loop to stop after the step in flight; a second one stops."""
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        self.interrupted = True
+        self._print("interrupt: finishing the current step, then saving a checkpoint")
+
     def run(self) -> dict[str, float]:
         """Trains from `start_step` to `train.steps`, evaluating and checkpointing on the way.
 
         **Returns:**
 
         The final evaluation metrics.
+
+        **Raises:**
+
+        `KeyboardInterrupt` after Ctrl-C, once a checkpoint of the last completed step is saved.
         """
+        handle_sigint = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, self._on_sigint) if handle_sigint else None
+        try:
+            return self._run()
+        finally:
+            if handle_sigint:
+                signal.signal(signal.SIGINT, previous)
+
+    def _stop_if_interrupted(self) -> None:
+        if jax.process_count() > 1:  # a Ctrl-C seen by any process stops every process
+            flags = multihost_utils.process_allgather(np.int32(self.interrupted))
+            self.interrupted = bool(np.any(flags))
+        if not self.interrupted:
+            return
+        completed = int(self.state.step)
+        self._checkpoint(completed)
+        self.log.finish()
+        self._print(f"interrupted: checkpoint of step {completed} saved in {self.checkpoints}")
+        raise KeyboardInterrupt
+
+    def _run(self) -> dict[str, float]:
         config = self.config
         steps = config.train.steps
         if self.start_step == 0:
@@ -265,16 +335,18 @@ class Trainer:
             initial=self.start_step,
             total=steps,
             desc=config.algorithm_name,
-            disable=not config.logging.progress,
+            disable=not (config.logging.progress and self.main_process),
             dynamic_ncols=True,
         )
         final = {}
-        step = self.start_step
-        try:
+        with bar:
             for step in bar:
+                self._stop_if_interrupted()
                 start = time.perf_counter()
                 key = jax.random.fold_in(self.state.key, step)
-                self.state, metrics = rl_step(self.algorithm, self.state, self._prompts(step), key)
+                self.state, metrics = rl_step(
+                    self.algorithm, self.state, self._prompts(step), key, mesh=self.mesh
+                )
                 metrics = jax.device_get(metrics)
                 elapsed = time.perf_counter() - start
                 scalars = {k: float(v) for k, v in metrics.items() if not k.startswith("samples/")}
@@ -285,7 +357,7 @@ class Trainer:
                     message = f"step {done}: non-finite loss or gradient"
                     if config.run.nonfinite == "stop":
                         raise TrainingError(message + ' (run.nonfinite = "stop")')
-                    print(message + ": update skipped")
+                    self._print(message + ': update skipped (run.nonfinite = "skip")')
                 self.log.log(done, scalars)
                 if config.logging.samples_every and done % config.logging.samples_every == 0:
                     self._samples(done, metrics)
@@ -298,20 +370,17 @@ class Trainer:
                     final = self.evaluate(done)
                 if config.checkpoint.every and done % config.checkpoint.every == 0 and done < steps:
                     self._checkpoint(done)
-        except KeyboardInterrupt:
-            bar.close()
-            completed = int(self.state.step)
-            self._checkpoint(completed)
-            self.log.finish()
-            print(f"interrupted: checkpoint of step {completed} saved in {self.checkpoints}")
-            raise
-        bar.close()
+            self._stop_if_interrupted()
         final = self.evaluate(steps)
         self._checkpoint(steps)
-        export = self.run_dir / "hf"
-        save_hf(self.state.policy, export)
-        self.task.tokenizer.save_pretrained(export)
+        policy = jax.tree.map(to_host, self.state.policy)  # gathered on every process
+        if self.main_process:
+            export = self.run_dir / "hf"
+            save_hf(policy, export)
+            self.task.tokenizer.save_pretrained(export)
         self.log.finish()
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("gradflow: run finished")
         return final
 
 

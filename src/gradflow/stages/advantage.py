@@ -46,14 +46,16 @@ class Reinforce(AbstractAdvantage):
 
 
 class GRPO(AbstractAdvantage):
-    """Group-normalised advantage `(s - mean_g) / (std_g + eps)`; `scale_by_std=False` is Dr.GRPO."""
+    """Group-normalised advantage `(s - mean_g) / (std_g + std_eps)`; `scale_by_std=False` is
+    Dr.GRPO. (Not `eps`: `make` takes every stage's fields as one namespace, and AdamW has `eps`.)
+    """
 
     scale_by_std: bool = True
-    eps: float = 1e-6
+    std_eps: float = 1e-6
 
     def __call__(self, token_rewards, mask, values, group_size):
         seq = estimators.grpo(
-            _scores(token_rewards), group_size, scale_by_std=self.scale_by_std, eps=self.eps
+            _scores(token_rewards), group_size, scale_by_std=self.scale_by_std, eps=self.std_eps
         )
         return estimators.broadcast_to_tokens(seq, mask), None
 

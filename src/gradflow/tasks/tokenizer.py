@@ -1,9 +1,15 @@
 """A character-level tokenizer for the arithmetic task (`gradflow.tasks.arithmetic`).
 
 Every character is one token: a `WordLevel` model over single characters behind a pre-tokenizer
-that isolates each character, and a `Fuse` decoder that joins tokens back without spaces, so
+that isolates each character and maps it to its GPT-2 byte-level symbol (newline `Ċ`, space `Ġ`,
+printable ASCII unchanged), and a `ByteLevel` decoder, so
 `decode(encode(text), skip_special_tokens=True) == text` for any text over the vocabulary
 (newlines and spaces included). No BOS token and no post-processor: encoding adds nothing.
+
+The vocabulary is byte-level so that a checkpoint directory whose `config.json` says
+`model_type = "qwen2"` still tokenizes the same: for such a directory `transformers`' (v5)
+`AutoTokenizer` ignores `tokenizer_config.json` and rebuilds a `Qwen2Tokenizer` (a byte-level BPE)
+from the saved vocabulary, which with no merges is this same character tokenizer.
 
 Ids: `<pad>` 0, `<eos>` 1, `<unk>` 2, then the digits, `+-*=?#`, newline, space, and `a`..`z`.
 """
@@ -29,10 +35,14 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     A `PreTrainedTokenizerFast` with `pad_token="<pad>"` (id 0), `eos_token="<eos>"` (id 1),
     `unk_token="<unk>"` (id 2), left padding, and one token per character of `CHARACTERS`.
     """
-    vocab = {token: i for i, token in enumerate([PAD_TOKEN, EOS_TOKEN, UNK_TOKEN, *CHARACTERS])}
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    symbols = [byte_level.pre_tokenize_str(char)[0][0] for char in CHARACTERS]
+    vocab = {token: i for i, token in enumerate([PAD_TOKEN, EOS_TOKEN, UNK_TOKEN, *symbols])}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    backend.decoder = decoders.Fuse()
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated"), byte_level]
+    )
+    backend.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         pad_token=PAD_TOKEN,

@@ -1,0 +1,822 @@
+"""Algorithms as values: `make`, user-written stages, and the compiled `step` against references.
+
+Every step here trains on one fixed, hand-designed batch: `FixedRollout` (a user-written rollout
+stage) returns the same completions a sampler with a fixed key would, and delegates the group
+selection to the algorithm's own rollout stage (so DAPO's dynamic sampling still runs). The
+policy optimizer is plain SGD with learning rate 1 (`SGD`, a user-written `Optimizer`), so one
+update's parameter change is exactly minus the gradient the step used (AdamW's first update is
+about `lr * sign(grad)`, which would hide most gradient differences); the numbers are compared
+with gradients of objectives written here from `shared/docs/algorithms.md`, and advantages and
+rewards computed in numpy.
+
+One tiny model configuration is reused throughout, and the algorithm values are built the same
+way wherever possible, so that compiled steps are shared between tests (jit cache hits).
+"""
+
+import dataclasses
+import functools
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from gradflow.algorithms import NAMES, Algorithm, hyperparameters, make
+from gradflow.batch import Prompts
+from gradflow.logprobs import completion_logprobs
+from gradflow.losses import AGG_MODES
+from gradflow.models import ModelConfig, init_from_config
+from gradflow.optim import Optimizer
+from gradflow.rollout import Completions
+from gradflow.stages import (
+    GAE,
+    GRPO,
+    RLOO,
+    AbstractAdvantage,
+    AbstractRollout,
+    DynamicSampling,
+    HostReward,
+    OverlongPenalty,
+    PolicyLoss,
+    Reinforce,
+    ReinforcePP,
+    ReinforcePPBaseline,
+    Sampling,
+)
+from gradflow.state import init_state
+from gradflow.step import step
+
+P, G, T, PROMPT_LEN = 4, 4, 6, 3  # prompts per step, group size, max_new_tokens, prompt slots
+B = P * G
+EOS, PAD, NAN_TOKEN = 1, 0, 7
+LR = 1.0  # SGD: new = old - LR * grad
+SIX = ("reinforce", "ppo", "grpo", "dapo", "rloo", "reinforce_pp")
+
+CONFIG = ModelConfig(
+    model_type="qwen2",
+    vocab_size=32,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    rope_theta=1e4,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+    attention_bias=True,
+    max_position_embeddings=64,
+)
+MODEL = init_from_config(CONFIG, key=jax.random.key(0))
+# A reference far from the policy (sharper logits), so that KL terms are clearly visible.
+_other = init_from_config(CONFIG, key=jax.random.key(1))
+REFERENCE = eqx.tree_at(lambda m: m.embed, _other, _other.embed * 8.0)
+STEP_KEY = jax.random.key(2)
+
+
+# ---------------------------------------------------------------------------------------------
+# The reward: a host scorer over tokens. It returns NaN for completions holding NAN_TOKEN (which
+# HostReward must score 0).
+
+
+def scorer(tokens, mask, index):
+    valid = np.maximum(mask.sum(1), 1)
+    even = ((tokens % 2 == 0) & mask).sum(1) / valid
+    score = np.where(((tokens == NAN_TOKEN) & mask).any(1), np.nan, even)
+    return np.stack([score, (even > 0.5).astype(np.float32)]).astype(np.float32)
+
+
+REWARD = HostReward(scorer=scorer, parts=("score", "correct"), weights=(1.0, 0.5))
+
+
+def reward_ref(tokens, mask):
+    """Total reward per row, from the scorer's definition, with NaN scored 0 (float64)."""
+    out = []
+    for row, m in zip(tokens, mask, strict=True):
+        valid = [int(t) for t, v in zip(row, m, strict=True) if v]
+        if NAN_TOKEN in valid:
+            out.append(0.0)  # both parts of a NaN sample are scored 0
+            continue
+        even = sum(t % 2 == 0 for t in valid) / max(len(valid), 1)
+        out.append(even + 0.5 * float(even > 0.5))
+    return np.array(out)
+
+
+def overlong_ref(lengths, max_new, buffer, factor=1.0):
+    return np.array(
+        [-min(max((n - (max_new - buffer)) / buffer, 0.0), 1.0) * factor for n in lengths]
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The fixed batch.
+
+
+def _completions(rows, seed):
+    """Random completions with varied lengths; some end with EOS, some are truncated."""
+    rng = np.random.RandomState(seed)
+    allowed = np.array([t for t in range(2, 32) if t != NAN_TOKEN])
+    tokens = np.full((rows, T), PAD, np.int32)
+    mask = np.zeros((rows, T), bool)
+    for b in range(rows):
+        n = rng.randint(2, T + 1)
+        body = rng.choice(allowed, n)
+        if n < T or rng.rand() < 0.5:
+            body[-1] = EOS
+        tokens[b, :n], mask[b, :n] = body, True
+    return tokens, mask
+
+
+def _as_completions(tokens, mask):
+    lengths = mask.sum(1)
+    finished = np.array(
+        [m.any() and row[m.sum() - 1] == EOS for row, m in zip(tokens, mask, strict=True)]
+    )
+    return Completions(
+        tokens=jnp.asarray(tokens, jnp.int32),
+        mask=jnp.asarray(mask),
+        logprobs=jnp.zeros(tokens.shape, jnp.float32),
+        lengths=jnp.asarray(lengths, jnp.int32),
+        finished=jnp.asarray(finished),
+    )
+
+
+TOKENS, MASK = _completions(B, seed=3)
+TOKENS[5, 0] = NAN_TOKEN  # one sample whose score is NaN
+COMPLETIONS = _as_completions(TOKENS, MASK)
+LENGTHS = MASK.sum(1)
+FINISHED = np.asarray(COMPLETIONS.finished)
+REWARDS = reward_ref(TOKENS, MASK)
+
+_prompt_ids = np.random.RandomState(4).randint(2, 32, (3 * P, PROMPT_LEN)).astype(np.int32)
+_prompt_mask = np.ones((3 * P, PROMPT_LEN), bool)
+_prompt_ids[0, 0], _prompt_mask[0, 0] = PAD, False  # a left-padded prompt
+PROMPTS = Prompts(
+    ids=jnp.asarray(_prompt_ids[:P]), mask=jnp.asarray(_prompt_mask[:P]), index=jnp.arange(P)
+)
+# DAPO samples 3P prompts: the first P groups are the batch above, the other 2P groups are
+# uniform (each holds one completion G times), so its dynamic sampling keeps exactly the batch.
+DAPO_PROMPTS = Prompts(
+    ids=jnp.asarray(_prompt_ids), mask=jnp.asarray(_prompt_mask), index=jnp.arange(3 * P)
+)
+_extra_tokens, _extra_mask = _completions(2 * P, seed=5)
+DAPO_COMPLETIONS = _as_completions(
+    np.concatenate([TOKENS, np.repeat(_extra_tokens, G, 0)]),
+    np.concatenate([MASK, np.repeat(_extra_mask, G, 0)]),
+)
+
+# What the step trains on: prompt + completion ids (rows g*G ... share prompt g).
+IDS = jnp.asarray(np.concatenate([np.repeat(_prompt_ids[:P], G, 0), TOKENS], 1))
+FULL_MASK = jnp.asarray(np.concatenate([np.repeat(_prompt_mask[:P], G, 0), MASK], 1))
+
+
+def test_fixed_batch_is_as_designed():
+    """The properties the other tests rely on (varied rewards, groups, lengths)."""
+    grouped = REWARDS.reshape(P, G)
+    assert np.all(grouped.max(1) > grouped.min(1))  # every group informative...
+    assert len({round(s, 6) for s in grouped.std(1)}) == P  # ...with different spreads
+    assert len(set(LENGTHS)) > 2 and (~FINISHED).any() and FINISHED.any()
+    assert (LENGTHS == T).any()  # overlong under DAPO's shaping (buffer T // 4)
+    assert np.isnan(scorer(TOKENS, MASK, np.zeros(B))[0, 5])
+
+
+# ---------------------------------------------------------------------------------------------
+# User-written stages used by the tests.
+
+
+class FixedRollout(AbstractRollout):
+    """Returns fixed completions; `prompts_to_sample` and `select` are the inner stage's."""
+
+    completions: Completions
+    inner: AbstractRollout
+
+    @property
+    def group_size(self) -> int:
+        return self.inner.group_size
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.inner.max_new_tokens
+
+    def prompts_to_sample(self, prompts_per_step):
+        return self.inner.prompts_to_sample(prompts_per_step)
+
+    def __call__(self, policy, prompts, key):
+        return self.completions
+
+    def select(self, rewards, prompts_per_step):
+        return self.inner.select(rewards, prompts_per_step)
+
+
+class SGD(Optimizer):
+    """Plain SGD (`new = old - learning_rate * grad`; no clipping, no schedule)."""
+
+    def transform(self):
+        return optax.sgd(self.learning_rate)
+
+
+def prepared(algorithm, completions=COMPLETIONS):
+    """`algorithm` on the fixed batch, with SGD for the policy (and critic)."""
+    algorithm = eqx.tree_at(
+        lambda a: a.rollout, algorithm, FixedRollout(completions, algorithm.rollout)
+    )
+    algorithm = eqx.tree_at(lambda a: a.optimizer, algorithm, SGD(learning_rate=LR))
+    if algorithm.critic_optimizer is not None:
+        algorithm = eqx.tree_at(lambda a: a.critic_optimizer, algorithm, SGD(learning_rate=LR))
+    return algorithm
+
+
+def make_fixed(name, **overrides):
+    completions = DAPO_COMPLETIONS if name == "dapo" else COMPLETIONS
+    algorithm = make(
+        name, reward=REWARD, eos_token_ids=(EOS,), group_size=G, max_new_tokens=T, **overrides
+    )
+    return prepared(algorithm, completions)
+
+
+def flat(model):
+    leaves = jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array))
+    return np.concatenate([np.asarray(x, np.float64).ravel() for x in leaves])
+
+
+def run(algorithm, *, model=MODEL, reference=None, prompts=PROMPTS):
+    """One step from a copy of `model` (the step donates its state); returns the new state, the
+    metrics and the policy's parameter change divided by -LR (the gradient, under SGD)."""
+    state = init_state(algorithm, jax.tree.map(jnp.copy, model), key=jax.random.key(9))
+    if reference is not None:
+        state = eqx.tree_at(lambda s: s.reference, state, jax.tree.map(jnp.copy, reference))
+    state, metrics = step(algorithm, state, prompts, STEP_KEY)
+    metrics = {k: np.asarray(v) for k, v in metrics.items()}
+    return state, metrics, (flat(model) - flat(state.policy)) / LR
+
+
+@functools.cache
+def named_run(name):
+    """Gradient and metrics of one step of a named algorithm on the fixed batch."""
+    prompts = DAPO_PROMPTS if name == "dapo" else PROMPTS
+    _, metrics, grad = run(make_fixed(name), prompts=prompts)
+    return grad, metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Independent references.
+
+
+def masked_whiten_ref(x, m):
+    vals = x[m.astype(bool)]
+    mean, var = vals.mean(), vals.var(ddof=1)
+    return (x - mean) / np.sqrt(var + 1e-8) * m
+
+
+def gae_ref(r, v, m, gamma=1.0, lam=1.0):
+    """GAE with a 0 bootstrap after the last valid token, then whitened over valid tokens."""
+    adv = np.zeros(r.shape)
+    for b in range(r.shape[0]):
+        running = 0.0
+        for t in reversed(range(r.shape[1])):
+            if not m[b, t]:
+                running = 0.0
+                continue
+            next_v = v[b, t + 1] if t + 1 < r.shape[1] and m[b, t + 1] else 0.0
+            running = r[b, t] + gamma * next_v - v[b, t] + gamma * lam * running
+            adv[b, t] = running
+    return masked_whiten_ref(adv, m)
+
+
+def token_rewards_ref(seq_rewards):
+    r = np.zeros((B, T))
+    r[np.arange(B), LENGTHS - 1] = seq_rewards
+    return r
+
+
+@eqx.filter_jit
+def _logprobs(model):
+    return completion_logprobs(model, IDS, FULL_MASK, PROMPT_LEN)[0]
+
+
+def logprobs_of(model):
+    return np.asarray(_logprobs(model), np.float64)
+
+
+def k3_ref(logp, ref_logp):
+    d = np.clip(logp - ref_logp, -20, 20)
+    return np.clip(np.exp(-d) - 1 + d, -10, 10)
+
+
+def agg_ref(x, m, mode):
+    """The aggregation modes from their definitions (numpy)."""
+    rows = [x[b][m[b]] for b in range(m.shape[0])]
+    valid = [row for row in rows if len(row)]
+    if mode == "token-mean":
+        return np.concatenate(rows).mean()
+    if mode == "seq-mean-token-mean":
+        return np.mean([row.mean() for row in valid])
+    if mode == "seq-mean-token-sum":
+        return np.mean([row.sum() for row in valid])
+    if mode == "seq-mean-token-sum-norm":
+        return np.concatenate(rows).sum() / m.size
+    raise AssertionError(mode)
+
+
+REF_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+
+@eqx.filter_jit
+def reference_grad(model, mask, advantages, ref_logp, beta, agg_onehot):
+    """Gradient of `agg(-A * logp + beta * k3(logp - ref_logp))` (the PPO-clip loss at ratio 1
+    has the gradient of `-A * logp`); the aggregation is picked by `agg_onehot` over REF_AGGS."""
+
+    def objective(model):
+        logp = completion_logprobs(model, IDS, FULL_MASK, PROMPT_LEN)[0]
+        m = mask.astype(jnp.float32)
+        d = jnp.clip(logp - ref_logp, -20.0, 20.0)
+        k3 = jnp.clip(jnp.exp(-d) - 1.0 + d, -10.0, 10.0)
+        x = (-advantages * logp + beta * k3) * m
+        row_tokens = jnp.sum(m, axis=1)
+        rows = jnp.sum((row_tokens > 0).astype(jnp.float32))
+        aggs = jnp.stack(
+            [
+                jnp.sum(x) / jnp.sum(m),
+                jnp.sum(jnp.sum(x, axis=1) / jnp.maximum(row_tokens, 1.0)) / rows,
+                jnp.sum(x) / rows,
+                jnp.sum(x) / (m.shape[0] * m.shape[1]),
+            ]
+        )
+        return jnp.sum(aggs * agg_onehot)
+
+    return eqx.filter_grad(objective)(model)
+
+
+def expected_grad(advantages, *, ref_logp=None, beta=0.0, agg="token-mean"):
+    ref_logp = np.zeros((B, T)) if ref_logp is None else ref_logp
+    grads = reference_grad(
+        MODEL,
+        jnp.asarray(MASK),
+        jnp.asarray(advantages, jnp.float32),
+        jnp.asarray(ref_logp, jnp.float32),
+        jnp.asarray(beta, jnp.float32),
+        jnp.asarray(np.eye(len(REF_AGGS))[REF_AGGS.index(agg)], jnp.float32),
+    )
+    return flat(grads)
+
+
+def relative_gap(a, b):
+    return np.linalg.norm(a - b) / max(np.linalg.norm(a), np.linalg.norm(b))
+
+
+def assert_grad_close(actual, expected):
+    scale = np.max(np.abs(expected))
+    assert scale > 1e-3
+    np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=2e-5 * scale)
+
+
+def grpo_advantages_ref(rewards=REWARDS):
+    grouped = rewards.reshape(P, G)
+    adv = (grouped - grouped.mean(1, keepdims=True)) / (
+        grouped.std(1, ddof=1, keepdims=True) + 1e-6
+    )
+    return adv.reshape(-1)[:, None] * MASK
+
+
+def reinforce_pp_advantages_ref(token_rewards):
+    """gamma = 1: reward-to-go over valid tokens, whitened over the batch's valid tokens."""
+    returns = np.flip(np.cumsum(np.flip(token_rewards * MASK, 1), 1), 1) * MASK
+    return masked_whiten_ref(returns, MASK)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. `make`, `hyperparameters`.
+
+# The presets as `shared/docs/algorithms.md` and the table in `gradflow.algorithms` define them.
+PRESETS = {
+    "reinforce": (Reinforce(), PolicyLoss()),
+    "ppo": (GAE(), PolicyLoss(minibatches=4)),
+    "grpo": (GRPO(), PolicyLoss(kl_coef=0.001)),
+    "dapo": (GRPO(), PolicyLoss(clip_high=0.28, agg="token-mean", mask_truncated=True)),
+    "rloo": (RLOO(), PolicyLoss()),
+    "reinforce_pp": (ReinforcePP(), PolicyLoss(kl_coef=0.001, kl_placement="reward")),
+    "reinforce_pp_baseline": (ReinforcePPBaseline(), PolicyLoss(kl_coef=0.001)),
+    "dr_grpo": (GRPO(scale_by_std=False), PolicyLoss(agg="seq-mean-token-sum-norm")),
+    "gspo": (
+        GRPO(),
+        PolicyLoss(
+            ratio_level="sequence",
+            clip_low=3e-4,
+            clip_high=4e-4,
+            dual_clip=None,
+            agg="seq-mean-token-mean",
+            minibatches=2,
+        ),
+    ),
+}
+
+
+def test_every_name_builds_its_preset():
+    assert set(NAMES) == set(PRESETS)
+    for name in NAMES:
+        algorithm = make(name, reward=REWARD, eos_token_ids=(EOS,), pad_token_id=PAD)
+        assert isinstance(algorithm, Algorithm)
+        advantage, loss = PRESETS[name]
+        assert algorithm.advantage == advantage, name
+        assert algorithm.loss == loss, name
+        assert algorithm.optimizer == Optimizer(learning_rate=1e-6, grad_clip=1.0)
+        sampling = algorithm.rollout.sampling if name == "dapo" else algorithm.rollout
+        assert sampling == Sampling(eos_token_ids=(EOS,), pad_token_id=PAD)
+        if name == "ppo":
+            assert algorithm.critic_optimizer == Optimizer(learning_rate=1e-5)
+        else:
+            assert algorithm.critic_optimizer is None
+        if name == "dapo":
+            assert algorithm.rollout == DynamicSampling(sampling=sampling, oversample=3)
+            assert algorithm.reward == OverlongPenalty(
+                inner=REWARD, max_new_tokens=64, buffer=16, factor=1.0
+            )
+        else:
+            assert isinstance(algorithm.rollout, Sampling) and algorithm.reward is REWARD
+    # GRPO's normaliser is std + 1e-6 (the docs), not AdamW's eps.
+    assert make("grpo", reward=REWARD).advantage.std_eps == 1e-6
+
+
+@pytest.mark.parametrize(
+    ("bad", "suggestion"), [("grpoo", "grpo"), ("reinforcepp", "reinforce_pp")]
+)
+def test_unknown_name_suggests_and_lists(bad, suggestion):
+    for call in (lambda: make(bad, reward=REWARD), lambda: hyperparameters(bad)):
+        with pytest.raises(ValueError) as info:
+            call()
+        message = str(info.value)
+        assert f"unknown algorithm {bad!r} (did you mean {suggestion!r}?)" in message
+        assert message.split("valid: ")[1].split(", ") == list(NAMES)
+    with pytest.raises(ValueError, match="valid: reinforce, ppo") as info:
+        make("zzzzzz", reward=REWARD)
+    assert "did you mean" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "bad", "suggestion"),
+    [
+        ("ppo", "clip_hihg", "clip_high"),
+        ("grpo", "learning_rte", "learning_rate"),
+        ("ppo", "critic_learning_rat", "critic_learning_rate"),
+        ("dapo", "oversampel", "oversample"),
+        ("grpo", "critic_learning_rate", None),  # no critic outside PPO
+        ("grpo", "oversample", None),  # dynamic sampling is DAPO's
+    ],
+)
+def test_unknown_hyperparameter_suggests_and_lists(name, bad, suggestion):
+    with pytest.raises(ValueError) as info:
+        make(name, reward=REWARD, **{bad: 1})
+    message = str(info.value)
+    assert f"unknown hyperparameter {bad!r}" in message
+    if suggestion is not None:
+        assert f"did you mean {suggestion!r}" in message
+    valid = message.split("valid: ")[1].split(", ")
+    assert sorted(valid) == sorted(hyperparameters(name))
+
+
+def _fields(module, prefix=()):
+    """(path, value) of every dataclass field, recursively through modules (not the scorer)."""
+    out = {}
+    for field in dataclasses.fields(module):
+        value = getattr(module, field.name)
+        path = (*prefix, field.name)
+        if isinstance(value, eqx.Module) and not isinstance(value, HostReward):
+            out.update(_fields(value, path))
+        elif not isinstance(value, HostReward):
+            out[path] = value
+    return out
+
+
+def _other_value(key, value):
+    special = {
+        "agg": "seq-mean-token-sum",
+        "ratio_level": "token" if value == "sequence" else "sequence",
+        "kl_placement": "reward" if value == "loss" else "loss",
+        "kl_estimator": "k2",
+        "schedule": "cosine",
+        "overlong_buffer": 3,
+        "dual_clip": 5.0,
+    }
+    if key.removeprefix("critic_") in special:
+        return special[key.removeprefix("critic_")]
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 1
+    if isinstance(value, float):
+        return value * 0.5 if value >= 0.5 else value + 0.25
+    raise AssertionError((key, value))
+
+
+# Hyperparameters whose stage field has another name (or that feed a derived field).
+FIELD_NAMES = {
+    "overlong_buffer": {"buffer"},
+    "overlong_factor": {"factor"},
+    "max_new_tokens": {"max_new_tokens", "buffer"},  # DAPO's default buffer is a quarter of it
+}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_hyperparameters_are_what_make_accepts_and_land_in_their_field(name):
+    defaults = hyperparameters(name)
+    base = make(name, reward=REWARD)
+    base_fields = _fields(base)
+    optimizer_fields = {f.name for f in dataclasses.fields(Optimizer)}
+    for key, default in defaults.items():
+        # Passing the default changes nothing.
+        assert eqx.tree_equal(make(name, reward=REWARD, **{key: default}), base), key
+        # Another value changes exactly the field(s) named by the key, in the right stage.
+        value = _other_value(key, default)
+        changed = _fields(make(name, reward=REWARD, **{key: value}))
+        diff = [path for path in base_fields if changed[path] != base_fields[path]]
+        assert diff, f"{name}: {key} changed nothing"
+        for path in diff:
+            if key.startswith("critic_"):
+                assert path == ("critic_optimizer", key.removeprefix("critic_")), (key, path)
+            elif key in optimizer_fields:
+                assert path == ("optimizer", key), (key, path)
+            else:
+                assert path[0] not in ("optimizer", "critic_optimizer"), (key, path)
+                assert path[-1] in FIELD_NAMES.get(key, {key}), (key, path)
+        if key in FIELD_NAMES.get(key, {key}) and len(diff) == 1:
+            assert changed[diff[0]] == value
+
+
+def test_overrides_land_in_the_right_stage():
+    ppo = make("ppo", reward=REWARD, clip_high=0.3, group_size=5, critic_learning_rate=3e-4)
+    assert ppo.loss.clip_high == 0.3 and ppo.loss.clip_low == 0.2
+    assert ppo.rollout.group_size == 5
+    assert ppo.critic_optimizer.learning_rate == 3e-4 and ppo.optimizer.learning_rate == 1e-6
+    ppo = make("ppo", reward=REWARD, learning_rate=2e-6, gamma=0.9, lam=0.95)
+    assert ppo.optimizer.learning_rate == 2e-6 and ppo.critic_optimizer.learning_rate == 1e-5
+    assert ppo.advantage == GAE(gamma=0.9, lam=0.95)
+    dapo = make("dapo", reward=REWARD, oversample=4, max_new_tokens=40, overlong_buffer=8)
+    assert dapo.rollout.oversample == 4 and dapo.rollout.prompts_to_sample(3) == 12
+    assert dapo.rollout.max_new_tokens == 40
+    assert (dapo.reward.max_new_tokens, dapo.reward.buffer) == (40, 8)
+    grpo = make("grpo", reward=REWARD, eps=1e-5, std_eps=1e-3)
+    assert grpo.optimizer.eps == 1e-5 and grpo.advantage.std_eps == 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. A user-written stage drops in with no registry edit.
+
+
+class SignOfCentredReward(AbstractAdvantage):
+    """`A_b = sign(s_b - mean_B s)` on every valid token."""
+
+    def __call__(self, token_rewards, mask, values, group_size):
+        scores = jnp.sum(token_rewards, axis=1)
+        sign = jnp.sign(scores - jnp.mean(scores))
+        return sign[:, None] * mask.astype(jnp.float32), None
+
+
+def test_user_written_advantage_is_used_by_step():
+    algorithm = Algorithm(
+        rollout=FixedRollout(
+            COMPLETIONS, Sampling(group_size=G, max_new_tokens=T, eos_token_ids=(EOS,))
+        ),
+        reward=REWARD,
+        advantage=SignOfCentredReward(),
+        loss=PolicyLoss(),
+        optimizer=SGD(learning_rate=LR),
+    )
+    _, metrics, grad = run(algorithm)
+    advantages = np.sign(REWARDS - REWARDS.mean())[:, None] * MASK
+    np.testing.assert_allclose(metrics["advantage/mean"], advantages[MASK].mean(), rtol=1e-5)
+    # One epoch, one minibatch: the PPO-clip loss is REINFORCE's, with these advantages.
+    assert_grad_close(grad, expected_grad(advantages))
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. The named algorithms really differ.
+
+
+def test_reward_metrics_and_dynamic_sampling_in_step():
+    _, metrics = named_run("reinforce")
+    np.testing.assert_allclose(metrics["reward/mean"], REWARDS.mean(), rtol=1e-6)
+    np.testing.assert_allclose(metrics["reward/min"], REWARDS.min(), rtol=1e-6)  # the NaN row: 0
+    assert metrics["reward/min"] == 0.0
+    _, metrics = named_run("dapo")
+    assert metrics["dynamic_sampling/informative_groups"] == P
+    assert metrics["dynamic_sampling/dropped_groups"] == 2 * P
+    assert metrics["dynamic_sampling/shortfall"] == 0
+    lengths = np.asarray(DAPO_COMPLETIONS.lengths)
+    penalty = overlong_ref(lengths, T, T // 4)
+    np.testing.assert_allclose(metrics["reward/overlong_penalty"], penalty.mean(), rtol=1e-6)
+    shaped = reward_ref(np.asarray(DAPO_COMPLETIONS.tokens), np.asarray(DAPO_COMPLETIONS.mask))
+    np.testing.assert_allclose(metrics["reward/mean"], (shaped + penalty).mean(), rtol=1e-6)
+
+
+def test_named_algorithms_update_differently():
+    """From the same model, prompts and key, every pair of the six takes a different step.
+
+    Pairs that coincide under special conditions, all excluded by the fixed batch (or the
+    preset), and what separates them here:
+    - reinforce / grpo: identical with a single group (P = 1); here P = 4.
+    - grpo / rloo: proportional when every group has the same std; the spreads differ.
+    - reinforce / reinforce_pp: with gamma = 1 REINFORCE++'s token returns are `s_b` on every
+      valid token, whitened with token-weighted statistics; they equal reinforce's sequence
+      statistics only when all lengths are equal. (Its reward KL is 0 on the first step, since
+      the policy is the reference.)
+    - ppo / reinforce_pp: with the zero-initialised critic and gamma = lambda = 1, GAE's
+      advantages are exactly REINFORCE++'s; PPO differs through its 4 minibatches (4 sequential
+      updates). With one minibatch they coincide: `test_ppo_one_minibatch_is_reinforce`.
+    - dapo / grpo: DAPO keeps exactly this batch (the extra groups are uniform), and clip-higher
+      is inactive at ratio 1, GRPO's k3 KL has zero gradient at policy = reference; they differ
+      by DAPO's overlong shaping and overlong filtering (the batch has truncated completions).
+    """
+    grads = {name: named_run(name)[0] for name in SIX}
+    for name, grad in grads.items():
+        assert np.all(np.isfinite(grad)) and np.linalg.norm(grad) > 1e-3, name
+    for i, a in enumerate(SIX):
+        for b in SIX[i + 1 :]:
+            gap = np.linalg.norm(grads[a] - grads[b])
+            scale = max(np.linalg.norm(grads[a]), np.linalg.norm(grads[b]))
+            assert gap > 1e-2 * scale, (a, b, gap / scale)
+
+
+def test_grpo_gradient_with_kl_in_the_loss():
+    """GRPO's step against `-mean(A logp) + beta * mean(k3)` with numpy group advantages."""
+    _, metrics, grad = run(make_fixed("grpo"), reference=REFERENCE)
+    ref_logp = logprobs_of(REFERENCE)
+    k3 = k3_ref(logprobs_of(MODEL), ref_logp)
+    assert k3[MASK].mean() > 0.1
+    np.testing.assert_allclose(metrics["loss/kl_ref"], k3[MASK].mean(), rtol=1e-5)
+    np.testing.assert_allclose(
+        metrics["loss/total"] - metrics["loss/policy"], 0.001 * k3[MASK].mean(), rtol=1e-3
+    )
+    advantages = grpo_advantages_ref()
+    expected = expected_grad(advantages, ref_logp=ref_logp, beta=0.001)
+    assert_grad_close(grad, expected)
+    assert relative_gap(expected, expected_grad(advantages)) > 3e-4  # the KL term is visible
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. PPO.
+
+
+def test_ppo_clips_with_several_updates():
+    """The PPO preset makes 4 minibatch updates: after the first, the ratios of the later
+    minibatches have left [0.8, 1.2] (SGD with learning rate 1 moves the policy far), and the
+    clipping acts. (Its own compiled step is the one of `test_named_algorithms_update_differently`;
+    with one epoch and one minibatch nothing is clipped: `test_ppo_one_minibatch_is_reinforce`.)
+    """
+    _, metrics = named_run("ppo")
+    assert metrics["update/skipped"] == 0
+    assert metrics["loss/clipfrac"] > 0.05
+    assert metrics["loss/approx_kl"] > 0.01
+
+
+def test_ppo_one_minibatch_is_reinforce():
+    """epochs = minibatches = 1: the policy gradient is `-mean_t(A_t grad logp_t)` with numpy GAE
+    advantages from the rewards and the critic's (zero-initialised) values; no clipping."""
+    algorithm = make_fixed("ppo", minibatches=1)
+    state = init_state(algorithm, jax.tree.map(jnp.copy, MODEL), key=jax.random.key(9))
+    values = np.asarray(state.critic.values(IDS, FULL_MASK, PROMPT_LEN), np.float64)
+    assert np.all(values == 0)
+    state, metrics = step(algorithm, state, PROMPTS, STEP_KEY)
+    grad = (flat(MODEL) - flat(state.policy)) / LR
+    advantages = gae_ref(token_rewards_ref(REWARDS), values, MASK)
+    assert_grad_close(grad, expected_grad(advantages))
+    assert metrics["loss/clipfrac"] == 0 and metrics["loss/approx_kl"] == 0
+    np.testing.assert_allclose(metrics["advantage/mean"], 0.0, atol=1e-6)
+    # REINFORCE++ (the same advantages here, and no KL on the first step) takes the same step.
+    np.testing.assert_allclose(grad, named_run("reinforce_pp")[0], rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Gradient accumulation is exact.
+
+
+@pytest.mark.parametrize("agg", AGG_MODES)
+def test_micro_batches_are_exact(agg):
+    """GRPO (k3 KL in the loss, to a reference far from the policy) in 4 micro-batches takes the
+    full-batch step: its gradient is the full-batch objective's and its loss metrics are the
+    full-batch values, for every aggregation mode; with token-mean it is also compared with the
+    1-micro-batch step directly. (Each mode × micro-batch count is its own compilation: the
+    1-micro-batch step of the other modes is replaced by the independent full-batch reference.)
+    """
+    state, metrics, grad = run(make_fixed("grpo", agg=agg, micro_batches=4), reference=REFERENCE)
+    advantages = grpo_advantages_ref()
+    ref_logp = logprobs_of(REFERENCE)
+    k3 = k3_ref(logprobs_of(MODEL), ref_logp)
+    assert_grad_close(grad, expected_grad(advantages, ref_logp=ref_logp, beta=0.001, agg=agg))
+    # At ratio 1 the policy loss is -A on every valid token.
+    np.testing.assert_allclose(metrics["loss/policy"], agg_ref(-advantages, MASK, agg), atol=1e-6)
+    total = agg_ref(-advantages + 0.001 * k3, MASK, agg)
+    np.testing.assert_allclose(metrics["loss/total"], total, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(metrics["loss/kl_ref"], k3[MASK].mean(), rtol=1e-5)
+    if agg == "token-mean":
+        one, metrics_one, _ = run(make_fixed("grpo"), reference=REFERENCE)
+        np.testing.assert_allclose(flat(state.policy), flat(one.policy), rtol=0, atol=1e-6)
+        for name, value in metrics_one.items():
+            if name.startswith("loss/"):
+                np.testing.assert_allclose(metrics[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Dynamic sampling.
+
+
+def _select_ref(rewards, group_size, prompts):
+    groups = [rewards[i : i + group_size] for i in range(0, len(rewards), group_size)]
+    informative = [g for g, r in enumerate(groups) if max(r) != min(r)]
+    uniform = [g for g, r in enumerate(groups) if max(r) == min(r)]
+    kept = (informative + uniform)[:prompts]
+    rows = [g * group_size + j for g in kept for j in range(group_size)]
+    return rows, len(informative), len(uniform), max(prompts - len(informative), 0)
+
+
+@pytest.mark.parametrize(
+    ("rewards", "prompts"),
+    [
+        # groups of 3: uniform, informative, uniform, informative, informative, uniform
+        ([1, 1, 1, 0, 1, 0, 0.5, 0.5, 0.5, 2, 2, 2.5, 0, 1e-3, 0, 3, 3, 3], 3),
+        ([1, 1, 1, 0, 1, 0, 0.5, 0.5, 0.5, 2, 2, 2.5, 0, 1e-3, 0, 3, 3, 3], 2),
+        # too few informative groups: refilled with uniform groups, in order
+        ([1, 1, 1, 0, 0, 0, 0.5, 0.5, 0.5, 2, 2, 2, 0, 1, 0, 3, 3, 3], 3),
+        ([0] * 18, 2),
+    ],
+)
+def test_dynamic_sampling_select(rewards, prompts):
+    sampling = DynamicSampling(sampling=Sampling(group_size=3), oversample=2)
+    rewards = np.asarray(rewards, np.float32)
+    rows, metrics = sampling.select(jnp.asarray(rewards), prompts)
+    ref_rows, informative, dropped, shortfall = _select_ref(list(rewards), 3, prompts)
+    assert rows.shape == (prompts * 3,)
+    assert list(np.asarray(rows)) == ref_rows
+    assert metrics["dynamic_sampling/informative_groups"] == informative
+    assert metrics["dynamic_sampling/dropped_groups"] == dropped
+    assert metrics["dynamic_sampling/shortfall"] == shortfall
+
+
+def test_dynamic_sampling_rows_are_informative_groups_in_order():
+    sampling = DynamicSampling(sampling=Sampling(group_size=3), oversample=2)
+    rewards = jnp.asarray([1, 1, 1, 0, 1, 0, 0.5, 0.5, 0.5, 2, 2, 2.5, 0, 1e-3, 0, 3, 3, 3])
+    rows, metrics = sampling.select(rewards.astype(jnp.float32), 3)
+    assert list(np.asarray(rows)) == [3, 4, 5, 9, 10, 11, 12, 13, 14]
+    assert int(metrics["dynamic_sampling/shortfall"]) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. KL to the reference.
+
+
+def test_reference_only_when_beta_positive():
+    without = init_state(make("grpo", reward=REWARD, kl_coef=0.0), MODEL, key=jax.random.key(0))
+    assert without.reference is None
+    for name in ("grpo", "reinforce_pp"):
+        state = init_state(
+            make(name, reward=REWARD), jax.tree.map(jnp.copy, MODEL), key=jax.random.key(0)
+        )
+        assert state.reference is not None
+        assert eqx.tree_equal(state.reference, state.policy)
+        assert state.reference.embed is not state.policy.embed  # its own buffers (donation)
+
+
+def test_no_kl_metric_without_reference():
+    for name in ("reinforce", "rloo", "dapo"):  # beta = 0
+        assert "loss/kl_ref" not in named_run(name)[1]
+    for name in ("grpo", "reinforce_pp"):  # beta > 0 (the reference is the policy: KL ~ 0)
+        assert abs(named_run(name)[1]["loss/kl_ref"]) < 1e-6
+
+
+def test_kl_in_the_reward():
+    """REINFORCE++ (beta = 0.001, k1 in the reward): the token rewards are `r_t - beta * k1_t`,
+    which changes the advantages (and so the step) from beta = 0's; the KL is not in the loss."""
+    _, metrics, grad = run(make_fixed("reinforce_pp"), reference=REFERENCE)
+    k1 = logprobs_of(MODEL) - logprobs_of(REFERENCE)
+    np.testing.assert_allclose(metrics["loss/kl_ref"], k1[MASK].mean(), rtol=1e-5)
+    np.testing.assert_allclose(metrics["loss/total"], metrics["loss/policy"], rtol=1e-6)
+    plain = token_rewards_ref(REWARDS)
+    advantages = reinforce_pp_advantages_ref(plain - 0.001 * k1 * MASK)
+    without_kl = reinforce_pp_advantages_ref(plain)
+    assert np.max(np.abs(advantages - without_kl)) > 1e-3
+    expected = expected_grad(advantages)
+    assert_grad_close(grad, expected)
+    assert relative_gap(expected, expected_grad(without_kl)) > 1e-3
+    # With beta = 0 (here: the reference equal to the policy) the step is the plain one.
+    assert_grad_close(named_run("reinforce_pp")[0], expected_grad(without_kl))
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. Non-finite values.
+
+
+def test_nan_reward_is_scored_zero():
+    completions = _as_completions(TOKENS, MASK)
+    out = REWARD(PROMPTS.repeat(G), completions)
+    assert np.all(np.isfinite(np.asarray(out.total)))
+    np.testing.assert_allclose(np.asarray(out.total), REWARDS, rtol=1e-6)
+    assert float(out.parts["score"][5]) == 0.0 and float(out.total[5]) == 0.0
+
+
+def test_nonfinite_gradient_skips_the_update():
+    poisoned = eqx.tree_at(lambda m: m.final_norm, MODEL, MODEL.final_norm.at[0].set(jnp.nan))
+    state, metrics, _ = run(make_fixed("reinforce"), model=poisoned)
+    assert metrics["update/skipped"] == 1
+    np.testing.assert_array_equal(flat(state.policy), flat(poisoned))  # NaN == NaN here
+    assert int(state.step) == 1

@@ -1,0 +1,155 @@
+"""Partition rules, the batch check, and the sharded step against the one-device step."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from gradflow import algorithms
+from gradflow.batch import Prompts
+from gradflow.config import ConfigError, MeshConfig
+from gradflow.models import ModelConfig, init_from_config
+from gradflow.sharding import (
+    check_batch,
+    make_mesh,
+    shard_prompts,
+    shard_state,
+    state_shardings,
+)
+from gradflow.stages import HostReward
+from gradflow.state import init_state
+from gradflow.step import step
+
+SHAPE = ModelConfig(
+    model_type="qwen2",
+    vocab_size=64,
+    hidden_size=16,
+    intermediate_size=32,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=4,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+    attention_bias=True,
+    max_position_embeddings=64,
+)
+
+
+def _scorer(tokens: np.ndarray, mask: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """Deterministic: the fraction of completion tokens divisible by 3."""
+    return np.stack([((tokens % 3 == 0) & mask).mean(axis=1)]).astype(np.float32)
+
+
+REWARD = HostReward(scorer=_scorer, parts=("thirds",), weights=(1.0,))
+
+
+def _mesh(data: int, fsdp: int, tensor: int):
+    return make_mesh(MeshConfig(data, fsdp, tensor), jax.devices()[: data * fsdp * tensor])
+
+
+def _specs(tree, mesh) -> dict[str, P]:
+    shardings = state_shardings(tree, mesh)
+    flat, _ = jax.tree_util.tree_flatten_with_path(shardings)
+    return {jax.tree_util.keystr(path): s.spec for path, s in flat}
+
+
+def test_partition_rules_cover_policy_critic_reference_and_optimizer():
+    algorithm = algorithms.make("ppo", reward=REWARD, kl_coef=0.01)
+    state = eqx.filter_eval_shape(  # shapes are all the rules look at
+        lambda: init_state(
+            algorithm, init_from_config(SHAPE, key=jax.random.key(0)), key=jax.random.key(1)
+        )
+    )
+    specs = _specs(state, _mesh(2, 2, 2))
+    expected = {
+        "layers.q_proj": P(None, "tensor", "fsdp"),
+        "layers.k_proj": P(None, "tensor", "fsdp"),
+        "layers.up_proj": P(None, "tensor", "fsdp"),
+        "layers.o_proj": P(None, "fsdp", "tensor"),
+        "layers.down_proj": P(None, "fsdp", "tensor"),
+        "layers.q_bias": P(None, "tensor"),
+        "layers.input_norm": P(),
+        "embed": P("tensor", "fsdp"),
+        "lm_head": P("tensor", "fsdp"),
+        "final_norm": P(),
+    }
+    # The same rules wherever the weight sits: the policy, the reference, the critic's backbone
+    # and the Adam moments (mu, nu) of the policy's and the critic's optimizers.
+    for name, spec in expected.items():
+        where = [k for k in specs if k.endswith("." + name)]
+        assert len(where) == 7, where
+        assert all(specs[k] == spec for k in where), {k: specs[k] for k in where}
+    assert specs[".critic.head"] == P()
+    assert specs[".step"] == P() and specs[".key"] == P()
+    assert all(spec == P() for k, spec in specs.items() if k.endswith(".count"))
+
+
+def test_a_dimension_that_does_not_divide_stays_unsplit():
+    odd = SHAPE.replace(vocab_size=63, num_heads=3, num_kv_heads=1, head_dim=2)
+    policy = eqx.filter_eval_shape(lambda: init_from_config(odd, key=jax.random.key(0)))
+    specs = _specs(policy, _mesh(1, 2, 4))
+    assert specs[".embed"] == P(None, "fsdp")  # 63 rows do not split over tensor = 4
+    assert specs[".layers.q_proj"] == P(None, None, "fsdp")  # 3 heads × 2 = 6 rows
+    assert specs[".layers.o_proj"] == P(None, "fsdp")
+    assert specs[".layers.gate_proj"] == P(None, "tensor", "fsdp")  # 32 rows do split
+
+
+def test_batch_that_does_not_divide_over_data_and_fsdp_is_a_clear_error():
+    mesh = _mesh(2, 2, 2)
+    check_batch(2, 2, mesh)  # 4 sequences over data × fsdp = 4
+    with pytest.raises(ConfigError, match=r"3 × 2 = 6 sequences do not divide .* = 4 devices"):
+        check_batch(3, 2, mesh)
+
+
+def _run(mesh, prompts):
+    algorithm = algorithms.make(
+        "grpo",
+        reward=REWARD,
+        group_size=4,
+        max_new_tokens=6,
+        learning_rate=1e-2,
+        eos_token_ids=(1,),
+        minibatches=2,
+        kl_coef=0.0,
+    )
+    policy = init_from_config(SHAPE, key=jax.random.key(0))
+    state = shard_state(init_state(algorithm, policy, key=jax.random.key(1)), mesh)
+    before = state_shardings(state, mesh)
+    old = state
+    state, metrics = step(
+        algorithm, state, shard_prompts(prompts, mesh), jax.random.key(7), mesh=mesh
+    )
+    assert all(leaf.is_deleted() for leaf in jax.tree.leaves(old))  # donated
+    after = jax.tree.map(lambda x: x.sharding, state)
+    assert jax.tree.all(jax.tree.map(lambda a, b: a.is_equivalent_to(b, 3), after, before))
+    return state, metrics
+
+
+def test_sharded_step_matches_one_device():
+    rng = np.random.default_rng(0)
+    mask = np.ones((4, 5), bool)
+    mask[0, :2] = False
+    prompts = Prompts(
+        ids=jnp.asarray(rng.integers(2, 64, (4, 5)), jnp.int32),
+        mask=jnp.asarray(mask),
+        index=jnp.arange(4, dtype=jnp.int32),
+    )
+    single, m_single = _run(_mesh(1, 1, 1), prompts)
+    sharded, m_sharded = _run(_mesh(2, 2, 2), prompts)
+    assert sharded.policy.layers.q_proj.sharding.spec == P(None, "tensor", "fsdp")
+    np.testing.assert_allclose(m_sharded["reward/mean"], m_single["reward/mean"], rtol=1e-6)
+    initial = eqx.filter(init_from_config(SHAPE, key=jax.random.key(0)), eqx.is_array)
+    moved = 0.0
+    for a, b, c in zip(
+        jax.tree.leaves(eqx.filter(single.policy, eqx.is_array)),
+        jax.tree.leaves(eqx.filter(sharded.policy, eqx.is_array)),
+        jax.tree.leaves(initial),
+        strict=True,
+    ):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=0)
+        moved = max(moved, float(np.max(np.abs(np.asarray(a) - np.asarray(c)))))
+    assert moved > 1e-3  # the update did something
