@@ -29,7 +29,9 @@ def main(argv: list[str] | None = None) -> int:
 
     The exit status.
     """
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("target", help="a TOML config or a run directory")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     parser.add_argument("--split", choices=("test", "train"), default="test")
@@ -87,8 +89,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {error}", file=sys.stderr)
         return 2
-    output = Path(args.output) if args.output else (
-        (run_dir or Path(".")) / f"eval_{args.split}_{target.stem if run_dir is None else 'hf'}.jsonl"
+    output = (
+        Path(args.output)
+        if args.output
+        else (
+            (run_dir or Path("."))
+            / f"eval_{args.split}_{target.stem if run_dir is None else 'hf'}.jsonl"
+        )
     )
     output.write_text("".join(json.dumps(r) + "\n" for r in records))
     for name, value in metrics.items():

@@ -62,8 +62,8 @@ def _toml_value(value) -> str:
     return repr(value)
 
 
-def tiny_config(root: Path, output_dir: Path, **sections) -> Path:
-    """Writes a small config into `root/config.toml`; `sections` override whole keys, e.g.
+def tiny_config(root: Path, output_dir: Path, name: str = "config", **sections) -> Path:
+    """Writes a small config into `root/<name>.toml`; `sections` override whole keys, e.g.
     `train={"steps": 4}`.
 
     **Returns:**
@@ -96,7 +96,7 @@ def tiny_config(root: Path, output_dir: Path, **sections) -> Path:
     for section, values in config.items():
         lines.append(f"[{section}]")
         lines.extend(f"{k} = {_toml_value(v)}" for k, v in values.items())
-    path = root / "config.toml"
+    path = root / f"{name}.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
 

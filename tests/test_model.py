@@ -527,3 +527,23 @@ def test_eos_ends_a_row(checkpoints, prompts):
     np.testing.assert_allclose(
         np.asarray(completions.logprobs)[real], expected[real], atol=1e-4, rtol=0
     )
+
+
+def test_two_level_sampler_follows_the_distribution():
+    """Several blocks, zero-probability entries, unnormalised rows: a chi-square test."""
+    from gradflow.rollout import inverse_cdf_sample
+
+    rng = np.random.RandomState(0)
+    p = rng.dirichlet(np.full(300, 0.5)).astype(np.float32)
+    p[10:40] = 0.0  # never drawn
+    rows = 20000
+    probs = jnp.asarray(np.tile(p * 3.0, (rows, 1)))
+    draws = np.asarray(inverse_cdf_sample(probs, jax.random.key(0), block=64))
+    counts = np.bincount(draws, minlength=300)
+    assert counts[10:40].sum() == 0
+    frequent = p > 5.0 / rows * 10
+    observed = np.append(counts[frequent], counts[~frequent].sum()).astype(np.float64)
+    weights = np.append(p[frequent], p[~frequent].sum()).astype(np.float64)
+    expected = weights / weights.sum() * rows
+    expected *= observed.sum() / expected.sum()
+    assert scipy.stats.chisquare(observed, expected).pvalue > 1e-3

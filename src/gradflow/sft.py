@@ -2,9 +2,14 @@
 
 This is how the embedded default base model (`gradflow/assets/toy-arith`) is made: a random
 Qwen2-architecture decoder over the character tokenizer (`gradflow.tasks.tokenizer`) learns to
-complete `task_prompt(question)` with `answer + <eos>`, and training STOPS at partial competence,
-at the first held-out evaluation whose greedy accuracy reaches `eval.stop_at_accuracy`, so that
-RL then has something to improve.
+complete `task_prompt(question)` with `answer + <eos>` in two phases:
+
+1. worked answers until the held-out greedy accuracy reaches `eval.stop_at_accuracy`;
+2. (when `data.direct_fraction > 0`) a mix in which that fraction of the targets is the final
+   `#### N` line alone, until the held-out greedy accuracy falls to `eval.stop_below_accuracy`.
+
+The model then knows how to work a problem out but by default answers directly, and is mostly
+wrong doing so: partial competence that RL turns into accuracy by learning to show its work.
 
 The loss is the mean cross-entropy over the answer tokens and the EOS (the prompt is not
 trained), computed by `gradflow.logprobs.completion_logprobs` on a left-padded prompt followed by
@@ -72,13 +77,17 @@ class SFTDataConfig:
     """`[data]`: the arithmetic problems (default `ArithmeticTask`) trained and evaluated on.
 
     `eval_seed` should differ from the RL run's test seed (`run.seed + 1` there) so that the RL
-    held-out set is not the one that picked the stopping point.
+    held-out set is not the one that picked the stopping point. `direct_fraction` of the training
+    targets skip the worked steps and give only the final `#### N` line: the model learns both
+    styles and, sampling, chooses between them (answering directly is much less accurate for a
+    model this small, which is what RL discovers).
     """
 
     train_size: int = 20000
     train_seed: int = 0
     eval_size: int = 200
     eval_seed: int = 2
+    direct_fraction: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +95,7 @@ class SFTTrainConfig:
     """`[train]`: optimizer steps, sequences per step and how often to print the loss."""
 
     max_steps: int = 2000
+    direct_steps: int = 0
     batch_size: int = 64
     log_every: int = 10
 
@@ -96,6 +106,7 @@ class SFTEvalConfig:
 
     every: int = 10
     stop_at_accuracy: float = 0.3
+    stop_below_accuracy: float = 0.0
     max_new_tokens: int = 32
 
 
@@ -200,6 +211,11 @@ def build_sft_config(raw: dict[str, Any], *, source: str = "") -> SFTConfig:
         ("optimizer.learning_rate", config.optimizer.learning_rate),
     ):
         _positive(where, value)
+    if config.train.batch_size > config.data.train_size:
+        raise ConfigError(
+            f"train.batch_size = {config.train.batch_size} is larger than data.train_size = "
+            f"{config.data.train_size}"
+        )
     if not 0.0 < config.eval.stop_at_accuracy <= 1.0:
         raise ConfigError(
             f"eval.stop_at_accuracy: must be in (0, 1], got {config.eval.stop_at_accuracy!r}"
@@ -388,17 +404,20 @@ def _model_card(config: SFTConfig, record: dict[str, Any]) -> str:
     training = (
         f"seed {config.run.seed}; {record['steps']} AdamW steps of {config.train.batch_size} "
         f"sequences (learning rate {o.learning_rate}, {o.warmup_steps} warmup steps); "
-        "cross-entropy on the answer and EOS tokens only; stopped at the first held-out "
-        f"evaluation (every {config.eval.every} steps) with greedy accuracy >= "
-        f"{config.eval.stop_at_accuracy}"
+        "cross-entropy on the answer and EOS tokens only; phase 1 (worked answers) stopped at "
+        f"the first held-out evaluation (every {config.eval.every} steps) with greedy accuracy "
+        f">= {config.eval.stop_at_accuracy}; phase 2 ({config.data.direct_fraction:.0%} of the "
+        f"targets reduced to the final `#### N` line) stopped at the first evaluation with "
+        f"greedy accuracy <= {config.eval.stop_below_accuracy}"
     )
     return f"""# toy-arith: gradflow's embedded default base model
 
 A tiny {m.model_type} decoder in Hugging Face format, the model gradflow's RL examples start from
 (`model.path = "gradflow:toy-arith"`). It was trained from random weights by supervised
 fine-tuning (teacher forcing) on gradflow's embedded arithmetic task (`gradflow.tasks.arithmetic`,
-default `ArithmeticTask()`) and deliberately stopped at partial competence, so that RL has room
-to improve it.
+default `ArithmeticTask()`) and deliberately stopped at partial competence: it can work a problem
+out step by step, but by default it answers directly (`#### N` alone), which a model this small
+mostly gets wrong. RL improves it by learning to show its work.
 
 - Prompt: `task_prompt(question)`, e.g. `41+17-25=?` and a newline. Completion: the worked
   answer, one step per line, ending in `#### N`, then `<eos>`.
@@ -418,6 +437,26 @@ Made with (from the repository root; deterministic for a given seed on CPU):
 `training.json` holds the seed, the steps, the accuracies, the evaluation history and the full
 resolved config.
 """
+
+
+def with_direct_answers(problems: list[Problem], fraction: float, *, seed: int) -> list[Problem]:
+    """A copy of `problems` where a random `fraction` answer with the `#### N` line alone.
+
+    **Arguments:**
+
+    - `problems`: worked problems.
+    - `fraction`: the share of answers reduced to their final line.
+    - `seed`: which ones.
+
+    **Returns:**
+
+    The training problems.
+    """
+    direct = np.random.default_rng([seed, 1]).random(len(problems)) < fraction
+    return [
+        Problem(p.question, p.answer.splitlines()[-1]) if d else p
+        for p, d in zip(problems, direct, strict=True)
+    ]
 
 
 def run_sft(
@@ -499,24 +538,52 @@ def run_sft(
         f"sft: {shape.num_parameters:,} parameters, {len(train)} train / {len(held_out)} "
         f"held-out problems, sequences of {prompt_len}+{completion_len} tokens"
     )
-    for step in range(1, config.train.max_steps + 1):
-        if cursor + batch_size > len(order):
-            order, cursor = rng.permutation(len(train)), 0
-        rows = order[cursor : cursor + batch_size]
-        cursor += batch_size
-        model, opt_state, loss = train_step(
-            model, opt_state, jnp.asarray(ids[rows]), jnp.asarray(mask[rows])
+
+    def phase(model, opt_state, ids, mask, first: int, steps: int, stop):
+        nonlocal order, cursor, accuracy
+        step = first - 1
+        for step in range(first, first + steps):
+            if cursor + batch_size > len(order):
+                order, cursor = rng.permutation(len(train)), 0
+            rows = order[cursor : cursor + batch_size]
+            cursor += batch_size
+            model, opt_state, loss = train_step(
+                model, opt_state, jnp.asarray(ids[rows]), jnp.asarray(mask[rows])
+            )
+            losses.append(float(loss))
+            if step % config.train.log_every == 0:
+                log(f"step {step:5d}  loss {np.mean(losses[-config.train.log_every :]):.4f}")
+            if step % config.eval.every == 0 or step == first + steps - 1:
+                accuracy = held_out_accuracy(model, 0.0, eval_key)
+                history.append({"step": step, "loss": losses[-1], "greedy_accuracy": accuracy})
+                log(f"step {step:5d}  held-out greedy accuracy {accuracy:.3f}")
+                if stop(accuracy):
+                    log(f"stopping at step {step}: held-out greedy accuracy {accuracy:.3f}")
+                    break
+        return model, opt_state, step
+
+    model, opt_state, step = phase(
+        model,
+        opt_state,
+        ids,
+        mask,
+        1,
+        config.train.max_steps,
+        lambda accuracy: accuracy >= config.eval.stop_at_accuracy,
+    )
+    if config.data.direct_fraction > 0 and config.train.direct_steps > 0:
+        mixed = with_direct_answers(train, config.data.direct_fraction, seed=config.data.train_seed)
+        mixed_ids, mixed_mask = teacher_forcing_batch(tokenizer, mixed, prompt_len, completion_len)
+        log(f"direct-answer phase: {config.data.direct_fraction:.0%} of targets are `#### N` alone")
+        model, opt_state, step = phase(
+            model,
+            opt_state,
+            mixed_ids,
+            mixed_mask,
+            step + 1,
+            config.train.direct_steps,
+            lambda accuracy: accuracy <= config.eval.stop_below_accuracy,
         )
-        losses.append(float(loss))
-        if step % config.train.log_every == 0:
-            log(f"step {step:5d}  loss {np.mean(losses[-config.train.log_every :]):.4f}")
-        if step % config.eval.every == 0 or step == config.train.max_steps:
-            accuracy = held_out_accuracy(model, 0.0, eval_key)
-            history.append({"step": step, "loss": losses[-1], "greedy_accuracy": accuracy})
-            log(f"step {step:5d}  held-out greedy accuracy {accuracy:.3f}")
-            if accuracy >= config.eval.stop_at_accuracy:
-                log(f"stopping: accuracy {accuracy:.3f} >= {config.eval.stop_at_accuracy}")
-                break
     sampled = held_out_accuracy(model, 1.0, eval_key)
     log(f"held-out accuracy sampled at temperature 1: {sampled:.3f}")
 

@@ -178,6 +178,10 @@ class Trainer:
                 )
         self.start_step = 0
         self.mesh = make_mesh(config.mesh)
+        self._print(
+            f"mesh {dict(self.mesh.shape)} over {self.mesh.size} devices "
+            f"({jax.process_count()} process{'es' if jax.process_count() > 1 else ''})"
+        )
         self.task = build_task(config)
         policy = load_policy(config)
         self.algorithm = algorithms.make(
@@ -338,7 +342,6 @@ class Trainer:
             disable=not (config.logging.progress and self.main_process),
             dynamic_ncols=True,
         )
-        final = {}
         with bar:
             for step in bar:
                 self._stop_if_interrupted()
@@ -353,12 +356,12 @@ class Trainer:
                 scalars["time/step_s"] = elapsed
                 scalars["throughput/tokens_per_s"] = scalars["completion/tokens"] / elapsed
                 done = step + 1
+                self.log.log(done, scalars)
                 if scalars["update/skipped"] > 0:
                     message = f"step {done}: non-finite loss or gradient"
                     if config.run.nonfinite == "stop":
                         raise TrainingError(message + ' (run.nonfinite = "stop")')
                     self._print(message + ': update skipped (run.nonfinite = "skip")')
-                self.log.log(done, scalars)
                 if config.logging.samples_every and done % config.logging.samples_every == 0:
                     self._samples(done, metrics)
                 bar.set_postfix(
@@ -367,11 +370,10 @@ class Trainer:
                     tok_s=f"{scalars['throughput/tokens_per_s']:.0f}",
                 )
                 if config.eval.every and done % config.eval.every == 0 and done < steps:
-                    final = self.evaluate(done)
+                    self.evaluate(done)
                 if config.checkpoint.every and done % config.checkpoint.every == 0 and done < steps:
                     self._checkpoint(done)
-            self._stop_if_interrupted()
-        final = self.evaluate(steps)
+        final = self.evaluate(steps)  # after the last step a Ctrl-C lets the run finish
         self._checkpoint(steps)
         policy = jax.tree.map(to_host, self.state.policy)  # gathered on every process
         if self.main_process:
