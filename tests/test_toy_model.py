@@ -115,7 +115,9 @@ def test_run_sft_smoke(tmp_path):
 
 
 def test_config_errors(capsys):
-    with pytest.raises(ConfigError, match=r"did you mean 'max_steps'.*batch_size, log_every"):
+    with pytest.raises(
+        ConfigError, match=r"did you mean 'max_steps'.*batch_size, direct_steps, log_every"
+    ):
         build_sft_config({"run": {"output_dir": "x"}, "train": {"max_step": 3}})
     with pytest.raises(ConfigError, match="expected int"):
         build_sft_config({"run": {"output_dir": "x"}, "model": {"hidden_size": "96"}})

@@ -15,8 +15,6 @@ import typing
 from pathlib import Path
 from typing import Any
 
-import tomli_w
-
 from . import algorithms
 
 
@@ -183,6 +181,8 @@ class Config:
 
         TOML text.
         """
+        import tomli_w  # lazy: not needed on machines that only run benchmarks
+
         return tomli_w.dumps(_drop_none(self.to_dict()))
 
 

@@ -107,6 +107,7 @@ class SFTEvalConfig:
     every: int = 10
     stop_at_accuracy: float = 0.3
     stop_below_accuracy: float = 0.0
+    direct_every: int = 10
     max_new_tokens: int = 32
 
 
@@ -408,7 +409,7 @@ def _model_card(config: SFTConfig, record: dict[str, Any]) -> str:
         f"the first held-out evaluation (every {config.eval.every} steps) with greedy accuracy "
         f">= {config.eval.stop_at_accuracy}; phase 2 ({config.data.direct_fraction:.0%} of the "
         f"targets reduced to the final `#### N` line) stopped at the first evaluation with "
-        f"greedy accuracy <= {config.eval.stop_below_accuracy}"
+        f"greedy accuracy <= {config.eval.stop_below_accuracy} (every {config.eval.direct_every} steps)"
     )
     return f"""# toy-arith: gradflow's embedded default base model
 
@@ -539,7 +540,7 @@ def run_sft(
         f"held-out problems, sequences of {prompt_len}+{completion_len} tokens"
     )
 
-    def phase(model, opt_state, ids, mask, first: int, steps: int, stop):
+    def phase(model, opt_state, ids, mask, first: int, steps: int, every: int, stop):
         nonlocal order, cursor, accuracy
         step = first - 1
         for step in range(first, first + steps):
@@ -553,7 +554,7 @@ def run_sft(
             losses.append(float(loss))
             if step % config.train.log_every == 0:
                 log(f"step {step:5d}  loss {np.mean(losses[-config.train.log_every :]):.4f}")
-            if step % config.eval.every == 0 or step == first + steps - 1:
+            if step % every == 0 or step == first + steps - 1:
                 accuracy = held_out_accuracy(model, 0.0, eval_key)
                 history.append({"step": step, "loss": losses[-1], "greedy_accuracy": accuracy})
                 log(f"step {step:5d}  held-out greedy accuracy {accuracy:.3f}")
@@ -569,6 +570,7 @@ def run_sft(
         mask,
         1,
         config.train.max_steps,
+        config.eval.every,
         lambda accuracy: accuracy >= config.eval.stop_at_accuracy,
     )
     if config.data.direct_fraction > 0 and config.train.direct_steps > 0:
@@ -582,6 +584,7 @@ def run_sft(
             mixed_mask,
             step + 1,
             config.train.direct_steps,
+            config.eval.direct_every,
             lambda accuracy: accuracy <= config.eval.stop_below_accuracy,
         )
     sampled = held_out_accuracy(model, 1.0, eval_key)

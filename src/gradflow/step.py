@@ -291,15 +291,18 @@ def _compiled_step(inputs, state: TrainState) -> tuple[TrainState, dict[str, Arr
     repeated = constrain_rows(prompts.repeat(group), mesh)
     # A host reward sees the whole batch once (its callback runs on one device); its small
     # outputs are broadcast to every device.
-    rewards = algorithm.reward(*constrain_replicated((repeated, completions), mesh))
-    rewards = constrain_replicated(rewards, mesh)
+    whole_prompts, whole = constrain_replicated((repeated, completions), mesh)
+    rewards = constrain_replicated(algorithm.reward(whole_prompts, whole), mesh)
     metrics = _rollout_metrics(completions, rewards)
+    # The logged samples are cut from the replicated copies: replicating a few rows sliced out
+    # of the row-split arrays fails XLA's HLO verifier after SPMD partitioning (seen with 8
+    # sequences over 8 devices).
     shown = min(SAMPLES_LOGGED, completions.tokens.shape[0])
     metrics.update(
         {
-            "samples/tokens": completions.tokens[:shown],
-            "samples/mask": completions.mask[:shown],
-            "samples/prompt_index": repeated.index[:shown],
+            "samples/tokens": whole.tokens[:shown],
+            "samples/mask": whole.mask[:shown],
+            "samples/prompt_index": whole_prompts.index[:shown],
             "samples/reward": rewards.total[:shown],
         }
     )

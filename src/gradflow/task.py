@@ -134,7 +134,7 @@ class Task:
         return HostReward(scorer=scorer, parts=parts, weights=weights)
 
 
-def _eos_ids(tokenizer, model_dir: Path | None) -> tuple[int, ...]:
+def _eos_ids(tokenizer) -> tuple[int, ...]:
     ids = set()
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
@@ -159,11 +159,11 @@ def build_task(config: Config) -> Task:
     tc = config.task
     model_dir = None
     if config.model.path:
-        model_dir = (
-            model_directory(config.model.path)
-            if config.model.init == "pretrained"
-            else resolve_path(config.model.path)
-        )
+        model_dir = resolve_path(config.model.path)
+        if config.model.init == "pretrained":
+            model_dir = model_directory(config.model.path)
+        elif not model_dir.is_dir():
+            model_dir = None  # random weights: a model directory is optional
     tokenizer_path = config.model.tokenizer or (str(model_dir) if model_dir else None)
     tokenizer = load_tokenizer(resolve_path(tokenizer_path) if tokenizer_path else None)
     if tc.name == "arithmetic":
@@ -211,6 +211,6 @@ def build_task(config: Config) -> Task:
         ),
         reward_functions=functions,
         weights={"correct": tc.correct_weight, "format": tc.format_weight},
-        eos_token_ids=_eos_ids(tokenizer, model_dir),
+        eos_token_ids=_eos_ids(tokenizer),
         pad_token_id=int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0),
     )

@@ -45,7 +45,7 @@ class PolicyLoss(eqx.Module):
     micro_batches: int = 1
     value_clip: float = 0.5
     mask_truncated: bool = False
-    logprob_chunk: int = 128
+    logprob_chunk: int = 32
 
     def __check_init__(self):
         checks = {
