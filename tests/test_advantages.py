@@ -1,4 +1,4 @@
-"""Advantage estimators against numpy references written from `shared/docs/algorithms.md`."""
+"""Advantage estimators against numpy references written from `docs/algorithms.md`."""
 
 import jax
 import jax.numpy as jnp

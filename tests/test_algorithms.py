@@ -6,7 +6,7 @@ selection to the algorithm's own rollout stage (so DAPO's dynamic sampling still
 policy optimizer is plain SGD with learning rate 1 (`SGD`, a user-written `Optimizer`), so one
 update's parameter change is exactly minus the gradient the step used (AdamW's first update is
 about `lr * sign(grad)`, which would hide most gradient differences); the numbers are compared
-with gradients of objectives written here from `shared/docs/algorithms.md`, and advantages and
+with gradients of objectives written here from `docs/algorithms.md`, and advantages and
 rewards computed in numpy.
 
 One tiny model configuration is reused throughout, and the algorithm values are built the same
@@ -389,7 +389,7 @@ def reinforce_pp_advantages_ref(token_rewards):
 # ---------------------------------------------------------------------------------------------
 # 1. `make`, `hyperparameters`.
 
-# The presets as `shared/docs/algorithms.md` and the table in `gradflow.algorithms` define them.
+# The presets as `docs/algorithms.md` and the table in `gradflow.algorithms` define them.
 PRESETS = {
     "reinforce": (Reinforce(), PolicyLoss()),
     "ppo": (GAE(), PolicyLoss(minibatches=4)),

@@ -1,4 +1,4 @@
-"""Losses and aggregation against numpy references written from `shared/docs/algorithms.md`."""
+"""Losses and aggregation against numpy references written from `docs/algorithms.md`."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Advantage estimators and masked statistics (see `shared/docs/algorithms.md`).
+"""Advantage estimators and masked statistics (see `docs/algorithms.md`).
 
 Sequences are grouped consecutively: `batch = prompts * group_size`, rows
 `g*G ... g*G+G-1` share prompt `g`. Masks may be bool or float (0/1); they are converted

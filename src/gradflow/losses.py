@@ -1,4 +1,4 @@
-"""Policy, value and KL losses and their aggregation (see `shared/docs/algorithms.md`).
+"""Policy, value and KL losses and their aggregation (see `docs/algorithms.md`).
 
 Loss aggregation (`agg`), with `L` the per-token loss and `m` the completion mask:
 

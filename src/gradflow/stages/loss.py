@@ -10,7 +10,7 @@ KL_PLACEMENTS = ("loss", "reward")
 
 
 class PolicyLoss(eqx.Module):
-    """Hyperparameters of the policy update (symbols of `shared/docs/algorithms.md`).
+    """Hyperparameters of the policy update (symbols of `docs/algorithms.md`).
 
     **Fields:**
 
