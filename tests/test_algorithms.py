@@ -200,6 +200,10 @@ class FixedRollout(AbstractRollout):
     def max_new_tokens(self) -> int:
         return self.inner.max_new_tokens
 
+    @property
+    def temperature(self) -> float:
+        return self.inner.temperature
+
     def prompts_to_sample(self, prompts_per_step):
         return self.inner.prompts_to_sample(prompts_per_step)
 

@@ -192,7 +192,9 @@ def make(
         reward = OverlongPenalty(
             inner=reward,
             max_new_tokens=sampling.max_new_tokens,
-            buffer=values["overlong_buffer"] or max(1, sampling.max_new_tokens // 4),
+            buffer=values["overlong_buffer"]
+            if values["overlong_buffer"] is not None
+            else max(1, sampling.max_new_tokens // 4),
             factor=values["overlong_factor"],
         )
     critic_optimizer = None

@@ -113,6 +113,9 @@ class MeshConfig:
     tensor: int = 1
 
 
+# [task] keys that only the GSM8K-style tasks read.
+GSM8K_ONLY = ("source", "train_path", "test_path", "prompt_template", "system", "instruction")
+
 SECTIONS: dict[str, type] = {
     "run": RunConfig,
     "model": ModelConfig,
@@ -272,8 +275,11 @@ def _build_algorithm(table: Any) -> dict[str, Any]:
             expected, value = list, value
         if isinstance(default, float):
             expected = float
-        if key in ("dual_clip", "kl_estimator", "overlong_buffer"):
-            expected = Any
+        expected = {
+            "dual_clip": float | None,
+            "kl_estimator": str | None,
+            "overlong_buffer": int | None,
+        }.get(key, expected)
         value = _check_value(f"algorithm.{key}", value, expected)
         resolved[key] = tuple(value) if isinstance(default, tuple) else value
     return resolved
@@ -356,6 +362,13 @@ def build_config(raw: dict[str, Any], *, source: str = "") -> Config:
             "model.path is empty: point it to a local HF model directory (config.json + "
             '*.safetensors), or set model.init = "random" with model.config'
         )
+    if config.task.name == "arithmetic":
+        defaults = TaskConfig()
+        for key in GSM8K_ONLY:
+            if getattr(config.task, key) != getattr(defaults, key):
+                raise ConfigError(
+                    f'task.{key} applies to task.name = "gsm8k", not to the arithmetic task'
+                )
     if config.model.init == "random" and not (config.model.config or config.model.path):
         raise ConfigError('model.init = "random" needs model.config (an HF config.json)')
     return config

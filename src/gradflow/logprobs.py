@@ -19,6 +19,7 @@ def completion_logprobs(
     prompt_len: int,
     *,
     chunk: int = 128,
+    temperature: float = 1.0,
 ) -> tuple[Float[Array, "batch new"], Float[Array, "batch new"]]:
     """Log-probability and entropy of each completion token (float32).
 
@@ -32,6 +33,8 @@ def completion_logprobs(
     - `attention_mask`: 1 on real tokens.
     - `prompt_len`: the number of prompt slots.
     - `chunk`: completion positions per LM-head chunk.
+    - `temperature`: the logits are divided by it (the sampling temperature, as verl and TRL do,
+      so that the trained policy is the one the completions were sampled from).
 
     **Returns:**
 
@@ -39,7 +42,7 @@ def completion_logprobs(
     """
     hidden = model.hidden_states(input_ids, attention_mask)[:, prompt_len - 1 : -1]
     targets = input_ids[:, prompt_len:]
-    return head_logprobs(model, hidden, targets, chunk=chunk)
+    return head_logprobs(model, hidden, targets, chunk=chunk, temperature=temperature)
 
 
 def head_logprobs(
@@ -48,6 +51,7 @@ def head_logprobs(
     targets: Int[Array, "batch new"],
     *,
     chunk: int = 128,
+    temperature: float = 1.0,
 ) -> tuple[Float[Array, "batch new"], Float[Array, "batch new"]]:
     """Log-probability of `targets` and the entropy under the logits of `hidden`, chunked.
 
@@ -57,6 +61,7 @@ def head_logprobs(
     - `hidden`: final-normed hidden states.
     - `targets`: the token each position predicts.
     - `chunk`: positions per chunk.
+    - `temperature`: divides the logits.
 
     **Returns:**
 
@@ -75,6 +80,8 @@ def head_logprobs(
     def one(xs):
         h_c, t_c = xs
         logits = model.logits(h_c)
+        if temperature != 1.0:
+            logits = logits / temperature
         lse = jax.nn.logsumexp(logits, axis=-1)
         picked = jnp.take_along_axis(logits, t_c[..., None], axis=-1)[..., 0]
         probs = jnp.exp(logits - lse[..., None])

@@ -80,7 +80,12 @@ def _objective(
     """The loss of one micro-batch (its share of the minibatch loss) and summed metrics."""
     loss = algorithm.loss
     logp, entropy = completion_logprobs(
-        policy, micro.ids, micro.full_mask, prompt_len, chunk=loss.logprob_chunk
+        policy,
+        micro.ids,
+        micro.full_mask,
+        prompt_len,
+        chunk=loss.logprob_chunk,
+        temperature=_training_temperature(algorithm),
     )
     old = jax.lax.stop_gradient(logp) if micro.old_logp is None else micro.old_logp
     pg, pg_metrics = policy_loss(
@@ -127,6 +132,11 @@ def _objective(
         sums.update({f"loss/{k}": v * tokens for k, v in v_metrics.items()})
     sums["tokens"] = tokens
     return total + value, (parts, sums)
+
+
+def _training_temperature(algorithm: Algorithm) -> float:
+    """The temperature the completions were sampled at (1 for greedy rollouts)."""
+    return algorithm.rollout.temperature or 1.0
 
 
 def _nonfinite(tree) -> Bool[Array, ""]:
@@ -325,20 +335,28 @@ def _compiled_step(inputs, state: TrainState) -> tuple[TrainState, dict[str, Arr
 
     def logprobs_of(model):
         return _in_micro_batches(
-            lambda x: completion_logprobs(model, x[0], x[1], prompt_len, chunk=loss.logprob_chunk)[
-                0
-            ],
+            lambda x: completion_logprobs(
+                model,
+                x[0],
+                x[1],
+                prompt_len,
+                chunk=loss.logprob_chunk,
+                temperature=_training_temperature(algorithm),
+            )[0],
             inputs,
             parts,
             mesh,
         )
 
     old_logp = None
-    if not loss.reuses_logprobs or loss.kl_placement == "reward":
+    kl_in_reward = state.reference is not None and loss.kl_placement == "reward"
+    if not loss.reuses_logprobs or kl_in_reward:
         old_logp = jax.lax.stop_gradient(logprobs_of(state.policy))
-        metrics["rollout/logprob_abs_diff"] = _masked_mean(
-            jnp.abs(old_logp - completions.logprobs), mask
-        )
+        if _training_temperature(algorithm) == 1.0:
+            # the sampler's log-probs are those of the untempered policy
+            metrics["rollout/logprob_abs_diff"] = _masked_mean(
+                jnp.abs(old_logp - completions.logprobs), mask
+            )
     ref_logp = None
     if state.reference is not None:
         ref_logp = jax.lax.stop_gradient(logprobs_of(state.reference))
@@ -350,7 +368,7 @@ def _compiled_step(inputs, state: TrainState) -> tuple[TrainState, dict[str, Arr
             )
         )
     token_rewards = _token_rewards(total, completions.lengths, new)
-    if ref_logp is not None and loss.kl_placement == "reward":
+    if kl_in_reward:
         kl_tokens = kl(old_logp, ref_logp, loss.estimator)
         token_rewards = token_rewards - loss.kl_coef * jnp.where(mask, kl_tokens, 0.0)
     advantages, returns = algorithm.advantage(token_rewards, mask, old_values, group)

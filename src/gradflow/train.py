@@ -34,7 +34,7 @@ from .checkpoint import (
     save_checkpoint,
     to_host,
 )
-from .config import Config
+from .config import Config, ConfigError
 from .evaluate import evaluate
 from .models import ModelConfig, init_from_config, load_hf, save_hf
 from .plots import plot_curves
@@ -194,6 +194,14 @@ class Trainer:
         self.max_new_tokens = self.algorithm.rollout.max_new_tokens
         _check_shapes(config, self.task, policy, self.max_new_tokens)
         check_batch(config.train.prompts_per_step, self.algorithm.rollout.group_size, self.mesh)
+        loss = self.algorithm.loss
+        rows = config.train.prompts_per_step * self.algorithm.rollout.group_size
+        if rows % (loss.minibatches * loss.micro_batches):
+            raise ConfigError(
+                f"train.prompts_per_step × algorithm.group_size = {rows} sequences do not divide "
+                f"into algorithm.minibatches × algorithm.micro_batches = {loss.minibatches} × "
+                f"{loss.micro_batches}"
+            )
         policy = shard_state(policy, self.mesh)
         self.state: TrainState = shard_state(
             init_state(self.algorithm, policy, key=jax.random.key(config.run.seed)), self.mesh
@@ -268,7 +276,8 @@ class Trainer:
             self.state,
             step,
             {
-                "data_position": step * self.config.train.prompts_per_step,
+                "data_position": step
+                * self.algorithm.rollout.prompts_to_sample(self.config.train.prompts_per_step),
                 "algorithm": self.config.algorithm_name,
             },
             keep=self.config.checkpoint.keep,

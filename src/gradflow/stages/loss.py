@@ -63,6 +63,8 @@ class PolicyLoss(eqx.Module):
                 raise ValueError(f"{name} must be >= 1")
         if self.kl_coef < 0:
             raise ValueError("kl_coef must be >= 0")
+        if self.dual_clip is not None and not self.dual_clip > 1.0:
+            raise ValueError(f"dual_clip must be > 1 (or None: off), got {self.dual_clip}")
 
     @property
     def estimator(self) -> str:

@@ -22,6 +22,7 @@ class AbstractRollout(eqx.Module):
 
     group_size: AbstractVar[int]
     max_new_tokens: AbstractVar[int]
+    temperature: AbstractVar[float]
 
     @abc.abstractmethod
     def prompts_to_sample(self, prompts_per_step: int) -> int:
@@ -60,6 +61,11 @@ class Sampling(AbstractRollout):
     def __check_init__(self):
         if self.group_size < 1 or self.max_new_tokens < 1:
             raise ValueError("group_size and max_new_tokens must be >= 1")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError(
+                f"sampling needs temperature >= 0, 0 < top_p <= 1 and top_k >= 0; got "
+                f"temperature={self.temperature}, top_p={self.top_p}, top_k={self.top_k}"
+            )
 
     def prompts_to_sample(self, prompts_per_step: int) -> int:
         return prompts_per_step
@@ -88,7 +94,9 @@ class Sampling(AbstractRollout):
 class DynamicSampling(AbstractRollout):
     """DAPO's dynamic sampling: sample `oversample × prompts` groups, keep informative ones.
 
-    A group is informative when its rewards are not all equal (std > 0). The first
+    A group is informative when its rewards are not all equal (std > 0). The rewards are the
+    reward stage's totals, overlong penalty included (verl's default filters on accuracy alone,
+    so there an all-correct group of different lengths counts as uninformative). The first
     `prompts_per_step` informative groups are kept, in sampling order; when fewer exist the batch
     is refilled with uninformative groups (whose GRPO advantages are 0, so they add no gradient)
     and `dynamic_sampling/shortfall` reports how many were missing. The update batch keeps its
@@ -114,6 +122,10 @@ class DynamicSampling(AbstractRollout):
     @property
     def max_new_tokens(self) -> int:
         return self.sampling.max_new_tokens
+
+    @property
+    def temperature(self) -> float:
+        return self.sampling.temperature
 
     def prompts_to_sample(self, prompts_per_step: int) -> int:
         return prompts_per_step * self.oversample
