@@ -41,7 +41,7 @@ fi
 
 # Whole GRPO step (rollout + reward + update, one compiled step) of gradflow alone, on the same
 # shape: 64 prompts x 8 samples x 256 new tokens, random 128-token prompts, a cheap host reward,
-# float32 parameters with bfloat16 compute, full rematerialisation and 8 micro-batches in the
+# float32 parameters with bfloat16 compute, rematerialisation saving matmul outputs ("dots") and 8 micro-batches in the
 # update. benchmarks/step.py --synthetic imports neither datasets nor transformers. Prints step
 # time, generated tokens/s, update tokens/s (step minus the rollout timed alone) and the update's
 # MFU by 6·N·tokens against 784 TFLOP/s. TINY=1 swaps in a tiny shape (to check this part on a CPU).
@@ -51,7 +51,7 @@ else
   step_args=(--config src/gradflow/assets/qwen2/qwen2-1.5b-instruct.config.json
     --prompts 64 --group 8 --prompt-len 128 --new-tokens 256 --logprob-chunk 64)
 fi
-step_args+=(--synthetic --dtype float32 --compute-dtype bfloat16 --remat full --micro-batches 8
+step_args+=(--synthetic --dtype float32 --compute-dtype bfloat16 --remat dots --micro-batches 8
   --steps 3 --threads 0 --peak-tflops 784)
 if [[ " $PARTS " == *" step "* ]]; then
   if [[ -n "${OUT:-}" ]]; then
