@@ -233,12 +233,23 @@ def _check_value(where: str, value: Any, expected: Any) -> Any:
     return value
 
 
-def _build_section(name: str, table: Any) -> Any:
-    cls = SECTIONS[name]
+def build_section(name: str, table: Any, cls: type) -> Any:
+    """Validates one `[section]` table into its frozen dataclass.
+
+    **Arguments:**
+
+    - `name`: the section's name, for messages.
+    - `table`: the parsed table.
+    - `cls`: the section's dataclass.
+
+    **Returns:**
+
+    The `cls` instance.
+    """
     if not isinstance(table, dict):
         raise ConfigError(f"[{name}] must be a table")
     hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
+    fields = [f.name for f in dataclasses.fields(cls)]
     values = {}
     for key, value in table.items():
         if key not in fields:
@@ -247,7 +258,10 @@ def _build_section(name: str, table: Any) -> Any:
                 f"{', '.join(sorted(fields))}"
             )
         values[key] = _check_value(f"{name}.{key}", value, hints[key])
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ValueError as error:
+        raise ConfigError(f"[{name}]: {error}") from None
 
 
 def _build_algorithm(table: Any) -> dict[str, Any]:
@@ -355,7 +369,7 @@ def build_config(raw: dict[str, Any], *, source: str = "") -> Config:
                 f"unknown section [{section}]{_suggest(section, valid)}; valid sections: "
                 f"{', '.join(sorted(valid))}"
             )
-    sections = {name: _build_section(name, raw.get(name, {})) for name in SECTIONS}
+    sections = {name: build_section(name, raw.get(name, {}), cls) for name, cls in SECTIONS.items()}
     config = Config(algorithm=_build_algorithm(raw.get("algorithm")), source=source, **sections)
     if config.model.init == "pretrained" and not config.model.path:
         raise ConfigError(

@@ -24,7 +24,6 @@ import dataclasses
 import json
 import time
 import tomllib
-import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,13 +34,14 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from .config import ConfigError, _check_value, _suggest, parse_override
+from .config import ConfigError, _suggest, build_section, parse_override
 from .data import Problem
 from .logprobs import completion_logprobs
 from .models import Decoder, ModelConfig, init_from_config, save_hf
 from .optim import Optimizer
 from .rewards.gsm8k import is_correct
 from .rollout import generate as sample
+from .task import tokenize_prompts
 from .tasks import ArithmeticTask, build_tokenizer, generate, save_tokenizer, task_prompt
 
 
@@ -151,26 +151,6 @@ def _positive(where: str, value: int | float) -> None:
         raise ConfigError(f"{where}: must be > 0, got {value!r}")
 
 
-def _build_section(name: str, table: Any) -> Any:
-    cls = SFT_SECTIONS[name]
-    if not isinstance(table, dict):
-        raise ConfigError(f"[{name}] must be a table")
-    hints = typing.get_type_hints(cls)
-    fields = [f.name for f in dataclasses.fields(cls)]
-    values = {}
-    for key, value in table.items():
-        if key not in fields:
-            raise ConfigError(
-                f"unknown key {name}.{key}{_suggest(key, fields)}; valid keys in [{name}]: "
-                f"{', '.join(sorted(fields))}"
-            )
-        values[key] = _check_value(f"{name}.{key}", value, hints[key])
-    try:
-        return cls(**values)
-    except ValueError as error:
-        raise ConfigError(f"[{name}]: {error}") from None
-
-
 def build_sft_config(raw: dict[str, Any], *, source: str = "") -> SFTConfig:
     """Validates a parsed SFT config dictionary.
 
@@ -193,7 +173,9 @@ def build_sft_config(raw: dict[str, Any], *, source: str = "") -> SFTConfig:
                 f"unknown section [{section}]{_suggest(section, SFT_SECTIONS)}; valid sections: "
                 f"{', '.join(sorted(SFT_SECTIONS))}"
             )
-    sections = {name: _build_section(name, raw.get(name, {})) for name in SFT_SECTIONS}
+    sections = {
+        name: build_section(name, raw.get(name, {}), cls) for name, cls in SFT_SECTIONS.items()
+    }
     config = SFTConfig(source=source, **sections)
     if not config.run.output_dir:
         raise ConfigError("run.output_dir is empty: set the directory the checkpoint is written to")
@@ -365,17 +347,13 @@ def evaluate(
 
     The fraction of problems answered correctly.
     """
-    prompts = _encode(tokenizer, [task_prompt(p.question) for p in problems])
-    width = max(len(p) for p in prompts)
-    ids = np.full((len(prompts), width), tokenizer.pad_token_id, np.int32)
-    mask = np.zeros(ids.shape, bool)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt) :] = prompt
-        mask[row, width - len(prompt) :] = True
+    bank = tokenize_prompts(
+        tokenizer, [task_prompt(p.question) for p in problems], max_tokens=0, split="held-out"
+    )
     completions = sample(
         model,
-        jnp.asarray(ids),
-        jnp.asarray(mask),
+        jnp.asarray(bank.ids),
+        jnp.asarray(bank.mask),
         key=key,
         max_new_tokens=max_new_tokens,
         temperature=temperature,
