@@ -3,10 +3,11 @@
 # rollout throughput, gradflow vs HF generate, both in bfloat16, in the same run; then a whole
 # GRPO step of gradflow (see the second part below).
 #
-#   bash benchmarks/gpu.sh            # from the repository root; OUT=dir also keeps the table there
+#   bash benchmarks/gpu.sh            # from the repository root; OUT=dir also keeps the tables
+#                                     # (.md, .json) there, and a profiler trace + HLO in OUT/trace
 #   PARTS=step bash benchmarks/gpu.sh # only the whole-step benchmark (PARTS=rollout: only rollout)
 #
-# Prints the table and gradflow's fraction of the 155,000 tokens/s roofline. The benchmark imports
+# Prints the tables and gradflow's fraction of the 155,000 tokens/s roofline. The benchmark imports
 # only gradflow.models and gradflow.rollout (jax, equinox, jaxtyping, safetensors, numpy) plus
 # torch/transformers for the baseline, so beartype/wandb/datasets need not be installed.
 set -euo pipefail
@@ -20,20 +21,19 @@ PARTS="${PARTS:-rollout step}" # which benchmarks to run
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 "$PYTHON" -c 'import jax, torch; print("jax", jax.__version__, jax.devices(), "| torch", torch.__version__, torch.cuda.is_available())'
 
-args=(
-  --config src/gradflow/assets/qwen2/qwen2-1.5b-instruct.config.json
-  --batch 256
-  --prompt-len 128
-  --new-tokens 256
-  --dtype bfloat16
-  --repeats 3
-  --threads 0
-  --roofline 155000
-)
+# TINY=1 swaps in tiny shapes for both parts (to check the script on a CPU).
+if [[ "${TINY:-0}" == 1 ]]; then
+  args=(--vocab 1024 --batch 8 --prompt-len 16 --new-tokens 16)
+else
+  args=(--config src/gradflow/assets/qwen2/qwen2-1.5b-instruct.config.json
+    --batch 256 --prompt-len 128 --new-tokens 256 --roofline 155000)
+fi
+# --parts: also prefill, one decode step and one sampling step alone, with achieved bandwidth.
+args+=(--dtype bfloat16 --repeats 3 --threads 0 --parts)
 if [[ " $PARTS " == *" rollout "* ]]; then
   if [[ -n "${OUT:-}" ]]; then
     mkdir -p "$OUT"
-    "$PYTHON" benchmarks/rollout.py "${args[@]}" --out "$OUT" | tee "$OUT/rollout_gpu.txt"
+    "$PYTHON" benchmarks/rollout.py "${args[@]}" --out "$OUT" --trace "$OUT/trace"
   else
     "$PYTHON" benchmarks/rollout.py "${args[@]}"
   fi
@@ -44,7 +44,7 @@ fi
 # float32 parameters with bfloat16 compute, rematerialisation saving matmul outputs ("dots") and 8 micro-batches in the
 # update. benchmarks/step.py --synthetic imports neither datasets nor transformers. Prints step
 # time, generated tokens/s, update tokens/s (step minus the rollout timed alone) and the update's
-# MFU by 6·N·tokens against 784 TFLOP/s. TINY=1 swaps in a tiny shape (to check this part on a CPU).
+# MFU by 6·N·tokens against 784 TFLOP/s.
 if [[ "${TINY:-0}" == 1 ]]; then
   step_args=(--vocab 1024 --prompts 4 --group 4 --prompt-len 16 --new-tokens 16 --logprob-chunk 8)
 else
@@ -56,7 +56,7 @@ step_args+=(--synthetic --dtype float32 --compute-dtype bfloat16 --remat dots --
 if [[ " $PARTS " == *" step "* ]]; then
   if [[ -n "${OUT:-}" ]]; then
     mkdir -p "$OUT"
-    "$PYTHON" benchmarks/step.py "${step_args[@]}" --out "$OUT" | tee "$OUT/step_gpu.txt"
+    "$PYTHON" benchmarks/step.py "${step_args[@]}" --out "$OUT"
   else
     "$PYTHON" benchmarks/step.py "${step_args[@]}"
   fi

@@ -14,8 +14,10 @@ the baseline), so it runs in a minimal GPU image.
 """
 
 import argparse
+import gzip
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -25,12 +27,19 @@ from pathlib import Path
 # Share the GPU with torch instead of preallocating most of it for JAX.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
+import equinox as eqx  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from gradflow.models import ModelConfig, init_from_config, load_hf, save_hf  # noqa: E402
-from gradflow.rollout import generate  # noqa: E402
+from gradflow.models import (  # noqa: E402
+    DecodingModel,
+    ModelConfig,
+    init_from_config,
+    load_hf,
+    save_hf,
+)
+from gradflow.rollout import generate, sample_token  # noqa: E402
 
 # A small Qwen2 shape with Qwen's real vocabulary (overridable with --vocab).
 DEFAULT_CONFIG = {
@@ -70,6 +79,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--roofline", type=float, help="ideal tokens/s: also print gradflow's fraction of it"
+    )
+    parser.add_argument(
+        "--parts",
+        action="store_true",
+        help="also time gradflow's prefill, one decode step and one logits+sampling step alone",
+    )
+    parser.add_argument(
+        "--trace",
+        type=Path,
+        help="with --parts: also write a profiler trace of 3 decode + sampling steps and their "
+        "compiled HLO to this folder",
     )
     parser.add_argument("--out", type=Path, help="also write the table (and JSON) to this folder")
     parser.add_argument("--seed", type=int, default=0)
@@ -154,6 +174,115 @@ def hf_runner(hf_model, prompt_ids, args, torch, device):
     return run
 
 
+def median_time(fn, repeats: int) -> float:
+    """Median wall time of `fn()` (which blocks) over `repeats` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def record_trace(folder: Path, *steps) -> None:
+    """A JAX profiler trace of three rounds of `steps`, copied to `folder/decode_trace.json.gz`."""
+    with jax.profiler.trace(str(folder / "profile")):
+        for _ in range(3):
+            for step in steps:
+                step()
+    newest = max((folder / "profile").rglob("*.trace.json.gz"), key=lambda p: p.stat().st_mtime)
+    shutil.copy(newest, folder / "decode_trace.json.gz")
+
+
+def time_parts(model, prompt_ids, args) -> str:
+    """Where gradflow's rollout time goes: prefill, one decode step, one logits + sampling step.
+
+    The decode step (at the middle of the completion) is timed with each decode-attention
+    implementation that runs natively here (`"pallas"` only on a GPU). Each step is compared with
+    the bytes it must read at least, as a bandwidth: every layer weight, plus the whole KV cache
+    (XLA attention) or the cache slots in use (Pallas); the sampling step: the LM head.
+    """
+    ids = jnp.asarray(prompt_ids)
+    mask = jnp.ones_like(ids)
+    middle = args.prompt_len + args.new_tokens // 2
+    position = jnp.full((args.batch,), middle, jnp.int32)
+    token = jnp.zeros((args.batch,), jnp.int32)
+    decode = eqx.filter_jit(
+        lambda d, c: d.decode(token, position, jnp.asarray(middle, jnp.int32), c), donate="warn"
+    )
+    sample = eqx.filter_jit(
+        lambda d, h: sample_token(
+            d.logits(h),
+            jax.random.uniform(jax.random.key(0), (args.batch,)),
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+        )
+    )
+    implementations = ("pallas", "xla") if jax.default_backend() == "gpu" else ("xla",)
+    rows, total_s = [], 0.0
+    for attention in implementations:
+        decoding = eqx.filter_jit(DecodingModel.from_decoder)(model, attention)
+        slots = decoding.cache_slots(args.prompt_len + args.new_tokens)
+        prefill = eqx.filter_jit(lambda m, i, k, slots=slots: m.prefill(i, k, slots))
+        hidden, cache = prefill(model, ids, mask)
+        state = {"cache": cache}
+
+        def decode_once(decoding=decoding, state=state):
+            out, state["cache"] = decode(decoding, state["cache"])
+            jax.block_until_ready(out)
+
+        decode_s = median_time(decode_once, 20)
+        weight_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(decoding.layers))
+        cache_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(state["cache"]))
+        if attention == "pallas":
+            cache_bytes = cache_bytes * (middle + 1) / slots
+        rows.append(
+            f"| decode step (layers only), {attention} attention | {decode_s * 1e3:.3f} | reads "
+            f">= {weight_bytes / 1e9:.2f} GB weights + {cache_bytes / 1e9:.2f} GB cache: "
+            f"{(weight_bytes + cache_bytes) / decode_s / 1e9:,.0f} GB/s |"
+        )
+        if attention == implementations[0]:
+            prefill_s = median_time(lambda p=prefill: jax.block_until_ready(p(model, ids, mask)), 3)
+            sample_s = median_time(
+                lambda d=decoding, h=hidden: jax.block_until_ready(sample(d, h)), 20
+            )
+            total_s = prefill_s + args.new_tokens * (decode_s + sample_s)
+            head_bytes = decoding.head.nbytes
+            if args.trace is not None:
+                write_trace(args.trace, decode, sample, decoding, state, hidden)
+    return "\n".join(
+        [
+            "",
+            "| gradflow part | ms | note |",
+            "|---|---|---|",
+            f"| prefill ({args.batch}x{args.prompt_len}) | {prefill_s * 1e3:.2f} | |",
+            *rows,
+            f"| logits + sampling step | {sample_s * 1e3:.3f} | reads >= "
+            f"{head_bytes / 1e9:.2f} GB head: {head_bytes / sample_s / 1e9:,.0f} GB/s |",
+            f"| prefill + {args.new_tokens} x ({implementations[0]} decode + sampling) | "
+            f"{total_s * 1e3:.0f} | |",
+        ]
+    )
+
+
+def write_trace(folder: Path, decode, sample, decoding, state: dict, hidden) -> None:
+    """A profiler trace of three decode + sampling steps, and both steps' compiled HLO."""
+
+    def decode_once():
+        out, state["cache"] = decode(decoding, state["cache"])
+        jax.block_until_ready(out)
+
+    record_trace(folder, decode_once, lambda: jax.block_until_ready(sample(decoding, hidden)))
+    for name, fn, fn_args in (
+        ("decode_step", decode, (decoding, state["cache"])),
+        ("sample_step", sample, (decoding, hidden)),
+    ):
+        text = fn.lower(*fn_args).compile().compiled.as_text()
+        (folder / f"{name}.hlo.txt.gz").write_bytes(gzip.compress(text.encode()))
+
+
 def build_models(args, config_dict: dict, workdir: Path):
     """The gradflow model and (unless --skip-hf) the HF model, with identical random weights."""
     dtype = jnp.dtype(args.dtype)
@@ -229,6 +358,8 @@ def main(argv=None) -> int:
     results = measure(runners, args.repeats)
 
     text = table(results, args, config, tokens)
+    if args.parts:
+        text += "\n" + time_parts(model, prompt_ids, args)
     print(text)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -253,6 +253,33 @@ def test_bfloat16_load_is_close_to_float32(checkpoints, prompts):
     assert_logits_close(ours[real], gf_logits(ckpt.model, ids, mask)[real], rtol=0.1)
 
 
+def test_bfloat16_decode_attention_implementations_agree(checkpoints, prompts):
+    """In bfloat16 the Pallas decode-attention kernel (interpreted here) keeps the cache's dtype
+    and gives the XLA path's greedy completions."""
+    ids, mask = prompts
+    model = load_hf(checkpoints["llama_gqa3"].path, dtype=jnp.bfloat16)
+    runs = {
+        attention: generate(
+            model,
+            jnp.asarray(ids),
+            jnp.asarray(mask),
+            key=jax.random.key(0),
+            max_new_tokens=4,
+            temperature=0.0,
+            decode_attention=attention,
+        )
+        for attention in ("xla", "pallas")
+    }
+    np.testing.assert_array_equal(
+        np.asarray(runs["pallas"].tokens[:, :2]), np.asarray(runs["xla"].tokens[:, :2])
+    )
+    np.testing.assert_allclose(
+        np.asarray(runs["pallas"].logprobs[:, :2]),
+        np.asarray(runs["xla"].logprobs[:, :2]),
+        atol=0.05,
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Checkpoint errors.
 
@@ -327,9 +354,13 @@ def check_completion_structure(completions, eos: int | None, pad: int, max_new: 
             assert n == max_new
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_greedy_matches_hf_generate(checkpoints, prompts, name):
-    """Greedy completions equal HF's token for token, up to and including EOS; logprobs too."""
+@pytest.mark.parametrize(
+    ("name", "attention"),
+    [(name, "xla") for name in NAMES] + [("qwen_gqa2", "pallas"), ("llama_gqa3", "pallas")],
+)
+def test_greedy_matches_hf_generate(checkpoints, prompts, name, attention):
+    """Greedy completions equal HF's token for token, up to and including EOS; logprobs too.
+    Also with the Pallas decode-attention kernel (interpreted off the GPU)."""
     ckpt = checkpoints[name]
     ids, mask = prompts
     pad = 0
@@ -362,6 +393,7 @@ def test_greedy_matches_hf_generate(checkpoints, prompts, name):
         temperature=0.0,
         eos_token_ids=(eos,),
         pad_token_id=pad,
+        decode_attention=attention,
     )
     check_completion_structure(completions, eos, pad, NEW_TOKENS)
     tokens = np.asarray(completions.tokens)
@@ -530,15 +562,21 @@ def test_eos_ends_a_row(checkpoints, prompts):
 
 
 def test_two_level_sampler_follows_the_distribution():
-    """Several blocks, zero-probability entries, unnormalised rows: a chi-square test."""
+    """Several blocks, zero-probability entries, unnormalised rows: a chi-square test; and the
+    returned log-normaliser."""
     from gradflow.rollout import inverse_cdf_sample
 
     rng = np.random.RandomState(0)
     p = rng.dirichlet(np.full(300, 0.5)).astype(np.float32)
     p[10:40] = 0.0  # never drawn
     rows = 20000
-    probs = jnp.asarray(np.tile(p * 3.0, (rows, 1)))
-    draws = np.asarray(inverse_cdf_sample(probs, jax.random.key(0), block=64))
+    with np.errstate(divide="ignore"):
+        logits = jnp.asarray(np.tile(np.log(p * 3.0), (rows, 1)))
+    draws, normalizer = inverse_cdf_sample(
+        logits, jax.random.uniform(jax.random.key(0), (rows,)), block=64
+    )
+    np.testing.assert_allclose(np.asarray(normalizer), np.log(3.0 * p.sum()), rtol=1e-5)
+    draws = np.asarray(draws)
     counts = np.bincount(draws, minlength=300)
     assert counts[10:40].sum() == 0
     frequent = p > 5.0 / rows * 10

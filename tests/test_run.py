@@ -257,7 +257,7 @@ def test_algorithm_from_the_config_equals_the_one_built_in_python(monkeypatch, t
     overrides = [
         'algorithm.name="rloo"',  # every key of configs/grpo.toml is an rloo key too
         "algorithm.group_size=4",
-        "train.prompts_per_step=4",
+        "train.prompts_per_step=8",  # enough groups that some have unequal rewards
         "task.train_size=64",
         "task.test_size=8",
         'logging.wandb="disabled"',
@@ -285,7 +285,7 @@ def test_algorithm_from_the_config_equals_the_one_built_in_python(monkeypatch, t
     initial = jax.device_get(state.policy)
 
     bank = trainer.task.train_prompts
-    rows = prompt_indices(0, 4, bank.ids.shape[0], seed)
+    rows = prompt_indices(0, 8, bank.ids.shape[0], seed)
     prompts = shard_prompts(
         Prompts(
             ids=jnp.asarray(bank.ids[rows]),

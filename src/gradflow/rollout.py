@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from .models import Decoder
+from .models import Decoder, DecodingModel
 
 
 class Completions(eqx.Module):
@@ -69,67 +69,80 @@ def filter_logits(
 
 def sample_token(
     logits: Float[Array, "batch vocab"],
-    key: PRNGKeyArray,
+    uniform: Float[Array, " batch"],
     *,
     temperature: float,
     top_k: int,
     top_p: float,
-) -> Int[Array, " batch"]:
-    """Draws one token per row (greedy when `temperature == 0`).
+) -> tuple[Int[Array, " batch"], Float[Array, " batch"]]:
+    """Draws one token per row (greedy when `temperature == 0`) and its unmodified log-probability.
 
     **Arguments:**
 
     - `logits`: float32 next-token logits.
-    - `key`: PRNG key.
+    - `uniform`: one uniform number in `[0, 1)` per row: all the randomness of the draw.
     - `temperature`, `top_k`, `top_p`: see `filter_logits`.
 
     **Returns:**
 
-    The token ids.
+    `(tokens, logprobs)`: the token ids and their log-probabilities under `softmax(logits)`
+    (temperature 1, no filtering).
     """
     if temperature == 0.0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    filtered = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
-    return inverse_cdf_sample(jax.nn.softmax(filtered, axis=-1), key)
+        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        normalizer = jax.nn.logsumexp(logits, axis=-1)
+    elif temperature == 1.0 and top_k == 0 and top_p == 1.0:
+        tokens, normalizer = inverse_cdf_sample(logits, uniform)
+    else:
+        filtered = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+        tokens, _ = inverse_cdf_sample(filtered, uniform)
+        normalizer = jax.nn.logsumexp(logits, axis=-1)
+    chosen = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
+    return tokens, chosen - normalizer
 
 
 def inverse_cdf_sample(
-    probs: Float[Array, "batch vocab"], key: PRNGKeyArray, *, block: int = 512
-) -> Int[Array, " batch"]:
-    """Draws one index per row from `probs` with a single uniform number per row.
+    logits: Float[Array, "batch vocab"], uniform: Float[Array, " batch"], *, block: int = 512
+) -> tuple[Int[Array, " batch"], Float[Array, " batch"]]:
+    """Draws one index per row from `softmax(logits)` with a single uniform number per row.
 
     Two-level inverse-CDF sampling: choose a block of `block` entries by the cumulative block
     masses, then an entry inside it by its cumulative probabilities. It is exact (up to float
     rounding) and needs no random bits per vocabulary entry, which is what makes
-    `jax.random.categorical` slow for 151k-token vocabularies. Entries with probability 0 are
-    never drawn.
+    `jax.random.categorical` slow for 151k-token vocabularies. It passes over the logits twice
+    (their maximum, then exponentials summed per block) and returns the log-normaliser as well,
+    so that the sampled token's log-probability costs no third pass. Entries at `-inf` are never
+    drawn.
 
     **Arguments:**
 
-    - `probs`: non-negative probabilities (rows need not be normalised).
-    - `key`: PRNG key.
+    - `logits`: unnormalised log-probabilities (at least one finite entry per row).
+    - `uniform`: one uniform number in `[0, 1)` per row.
     - `block`: entries per block.
 
     **Returns:**
 
-    The drawn indices.
+    `(indices, logsumexp)`: the drawn indices and each row's `logsumexp(logits)`.
     """
-    batch, vocab = probs.shape
+    batch, vocab = logits.shape
     block = min(block, vocab)
     pad = -vocab % block
-    blocks = jnp.pad(probs, ((0, 0), (0, pad))).reshape(batch, -1, block)
-    mass = jnp.sum(blocks, axis=-1)
+    top = jnp.max(logits, axis=-1)
+    padded = jnp.pad(logits, ((0, 0), (0, pad)), constant_values=-jnp.inf)
+    weights = jnp.exp(padded - top[:, None]).reshape(batch, -1, block)
+    mass = jnp.sum(weights, axis=-1)
     block_cdf = jnp.cumsum(mass, axis=-1)
     total = block_cdf[:, -1]
-    u = jax.random.uniform(key, (batch,), jnp.float32) * total
+    u = uniform * total
     u = jnp.minimum(u, jnp.nextafter(total, jnp.zeros_like(total)))
     chosen = jnp.argmax(block_cdf > u[:, None], axis=-1)
     rows = jnp.arange(batch)
-    inside = blocks[rows, chosen]
+    inside = weights[rows, chosen]
     cdf = jnp.cumsum(inside, axis=-1)
     rest = jnp.clip(u - (block_cdf[rows, chosen] - mass[rows, chosen]), 0.0, None)
     rest = jnp.minimum(rest, jnp.nextafter(cdf[:, -1], jnp.zeros_like(total)))
-    return (chosen * block + jnp.argmax(cdf > rest[:, None], axis=-1)).astype(jnp.int32)
+    index = chosen * block + jnp.argmax(cdf > rest[:, None], axis=-1)
+    return index.astype(jnp.int32), top + jnp.log(total)
 
 
 @functools.partial(
@@ -148,6 +161,7 @@ def generate(
     top_k: int = 0,
     eos_token_ids: tuple[int, ...] = (),
     pad_token_id: int = 0,
+    decode_attention: str = "auto",
 ) -> Completions:
     """Samples completions for a left-padded batch of prompts.
 
@@ -158,13 +172,15 @@ def generate(
 
     - `model`: the policy.
     - `prompt_ids`: left-padded prompt ids.
-    - `prompt_mask`: 1 on real prompt tokens.
+    - `prompt_mask`: 1 on real prompt tokens (left padding: real tokens last).
     - `key`: PRNG key.
     - `max_new_tokens`: the completion cap.
     - `temperature`: sampling temperature; 0 is greedy.
     - `top_p`, `top_k`: nucleus and top-k filtering (1.0 and 0 turn them off).
     - `eos_token_ids`: tokens that end a row.
     - `pad_token_id`: written after a row's end.
+    - `decode_attention`: `"xla"`, `"pallas"` (JAX's Triton decode-attention kernel, which reads
+      only the cache blocks in use) or `"auto"` (Pallas on a GPU, XLA elsewhere).
 
     **Returns:**
 
@@ -181,6 +197,7 @@ def generate(
         top_k=top_k,
         eos_token_ids=tuple(eos_token_ids),
         pad_token_id=pad_token_id,
+        decode_attention=decode_attention,
     )
 
 
@@ -196,31 +213,36 @@ def _generate(
     top_k: int,
     eos_token_ids: tuple[int, ...],
     pad_token_id: int,
+    decode_attention: str = "auto",
 ) -> Completions:
     """`generate` without its own `jit`, for use inside a larger compiled step."""
     batch, prompt_len = prompt_ids.shape
-    hidden, cache = model.prefill(prompt_ids, prompt_mask, prompt_len + max_new_tokens)
+    decoding = DecodingModel.from_decoder(model, decode_attention)
+    slots = decoding.cache_slots(prompt_len + max_new_tokens)
+    hidden, cache = model.prefill(prompt_ids, prompt_mask, slots)
     prompt_lengths = jnp.sum(prompt_mask.astype(jnp.int32), axis=1)
     eos = jnp.asarray(eos_token_ids if eos_token_ids else (-1,), jnp.int32)
+    # All the randomness up front: one uniform number per row and token (no PRNG work per step).
+    uniforms = jax.random.uniform(key, (max_new_tokens, batch), jnp.float32)
 
     def cond(carry):
         i, done = carry[0], carry[4]
         return (i < max_new_tokens) & ~jnp.all(done)
 
     def body(carry):
-        i, tokens, mask, logprobs, done, hidden, cache, key = carry
-        key, sample_key = jax.random.split(key)
-        logits = model.logits(hidden)
-        token = sample_token(logits, sample_key, temperature=temperature, top_k=top_k, top_p=top_p)
+        i, tokens, mask, logprobs, done, hidden, cache = carry
+        logits = decoding.logits(hidden)
+        token, logp = sample_token(
+            logits, uniforms[i], temperature=temperature, top_k=top_k, top_p=top_p
+        )
         token = jnp.where(done, pad_token_id, token)
-        logp = jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], axis=-1)[:, 0]
         live = ~done
         tokens = tokens.at[:, i].set(token)
         mask = mask.at[:, i].set(live)
         logprobs = logprobs.at[:, i].set(jnp.where(live, logp, 0.0))
         done = done | jnp.any(token[:, None] == eos[None, :], axis=-1)
-        hidden, cache = model.decode(token, prompt_lengths + i, prompt_len + i, cache)
-        return i + 1, tokens, mask, logprobs, done, hidden, cache, key
+        hidden, cache = decoding.decode(token, prompt_lengths + i, prompt_len + i, cache)
+        return i + 1, tokens, mask, logprobs, done, hidden, cache
 
     init = (
         jnp.asarray(0, jnp.int32),
@@ -230,9 +252,8 @@ def _generate(
         jnp.zeros((batch,), bool),
         hidden,
         cache,
-        key,
     )
-    _, tokens, mask, logprobs, done, _, _, _ = jax.lax.while_loop(cond, body, init)
+    _, tokens, mask, logprobs, done, _, _ = jax.lax.while_loop(cond, body, init)
     return Completions(
         tokens=tokens,
         mask=mask,

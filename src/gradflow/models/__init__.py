@@ -2,12 +2,14 @@
 
 from .config import ModelConfig
 from .decoder import Decoder, positions_from_mask
+from .decoding import DecodingModel
 from .hf_io import CheckpointError, init_from_config, load_hf, save_hf
 from .kv_cache import KVCache
 
 __all__ = [
     "CheckpointError",
     "Decoder",
+    "DecodingModel",
     "KVCache",
     "ModelConfig",
     "init_from_config",

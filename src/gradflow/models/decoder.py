@@ -1,8 +1,9 @@
 """The Qwen2/Llama decoder: embeddings, `lax.scan` over stacked layers, final norm, LM head.
 
 Positions come from the attention mask (`cumsum(mask) - 1`), so a left-padded row gets exactly
-the logits it would get alone. The same layers serve three entry points: a full forward pass
-(`__call__`, `hidden_states`), a prefill that fills a KV cache, and a one-token decode step.
+the logits it would get alone. The same layers serve a full forward pass (`__call__`,
+`hidden_states`) and the prefill that fills a KV cache; one-token decode steps run on the
+per-layer layout of `DecodingModel`.
 """
 
 import equinox as eqx
@@ -101,13 +102,11 @@ class Decoder(eqx.Module):
     def _embed(self, input_ids: Int[Array, "batch time"]) -> Float[Array, "batch time hidden"]:
         return self.embed[input_ids].astype(self.compute_dtype)
 
-    def _scan_layers(self, body, carry, extra_xs=None):
+    def _scan_layers(self, body, carry):
         policy = REMAT_POLICIES[self.remat]
         if self.remat != "none":
             body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-        xs = self.layers if extra_xs is None else (self.layers, extra_xs)
-        carry, _ = jax.lax.scan(body, carry, xs)
-        return carry
+        return jax.lax.scan(body, carry, self.layers)
 
     def hidden_states(
         self,
@@ -137,7 +136,7 @@ class Decoder(eqx.Module):
             out = attend(q, k, v, query_index, key_valid, self.attention_impl)
             return layer.finish(h, out, config), None
 
-        h = self._scan_layers(body, self._embed(input_ids))
+        h, _ = self._scan_layers(body, self._embed(input_ids))
         return rms_norm(h, self.final_norm, config.rms_norm_eps)
 
     def logits(self, hidden: Float[Array, "*batch hidden"]) -> Float[Array, "*batch vocab"]:
@@ -188,67 +187,21 @@ class Decoder(eqx.Module):
 
         **Returns:**
 
-        `(hidden, cache)`: the final-normed hidden state of the last prompt slot and the cache.
+        `(hidden, cache)`: the final-normed hidden state of the last prompt slot and the cache
+        (in `compute_dtype`).
         """
         config = self.config
         b, t = input_ids.shape
-        cache = KVCache.empty(config, b, cache_size, self.compute_dtype, attention_mask)
         positions = positions_from_mask(attention_mask)
         cos, sin = rotary_tables(config, positions)
         query_index = jnp.broadcast_to(jnp.arange(t), (b, t))
         key_valid = attention_mask.astype(bool)
 
-        def body(carry, xs):
-            h, keys, values = carry
-            layer, index = xs
+        def body(h, layer):
             q, k, v = layer.qkv(h, cos, sin, config)
             out = attend(q, k, v, query_index, key_valid, self.attention_impl)
-            keys = jax.lax.dynamic_update_slice(keys, k[None], (index, 0, 0, 0, 0))
-            values = jax.lax.dynamic_update_slice(values, v[None], (index, 0, 0, 0, 0))
-            return (layer.finish(h, out, config), keys, values), None
+            return layer.finish(h, out, config), (k, v)
 
-        carry = (self._embed(input_ids), cache.keys, cache.values)
-        h, keys, values = self._scan_layers(body, carry, jnp.arange(config.num_layers))
+        h, (keys, values) = self._scan_layers(body, self._embed(input_ids))
         hidden = rms_norm(h[:, -1], self.final_norm, config.rms_norm_eps)
-        return hidden, eqx.tree_at(lambda c: (c.keys, c.values), cache, (keys, values))
-
-    def decode(
-        self,
-        token: Int[Array, " batch"],
-        position: Int[Array, " batch"],
-        slot: Int[Array, ""],
-        cache: KVCache,
-    ) -> tuple[Float[Array, "batch hidden"], KVCache]:
-        """One token per row through the model, reading and extending the KV cache at `slot`.
-
-        **Arguments:**
-
-        - `token`: the newest token of each row.
-        - `position`: its position (the row's count of real tokens before it).
-        - `slot`: the cache slot it is written to (the same for every row).
-        - `cache`: the KV cache.
-
-        **Returns:**
-
-        `(hidden, cache)`: the final-normed hidden state of this token and the updated cache.
-        """
-        config = self.config
-        b = token.shape[0]
-        cos, sin = rotary_tables(config, position[:, None])
-        query_index = jnp.full((b, 1), slot)
-
-        def body(carry, xs):
-            h, keys, values = carry
-            layer, index = xs
-            q, k, v = layer.qkv(h, cos, sin, config)
-            keys = jax.lax.dynamic_update_slice(keys, k[None], (index, 0, slot, 0, 0))
-            values = jax.lax.dynamic_update_slice(values, v[None], (index, 0, slot, 0, 0))
-            out = attend(
-                q, keys[index], values[index], query_index, cache.valid, self.attention_impl
-            )
-            return (layer.finish(h, out, config), keys, values), None
-
-        carry = (self._embed(token[:, None]), cache.keys, cache.values)
-        h, keys, values = self._scan_layers(body, carry, jnp.arange(config.num_layers))
-        hidden = rms_norm(h[:, 0], self.final_norm, config.rms_norm_eps)
-        return hidden, eqx.tree_at(lambda c: (c.keys, c.values), cache, (keys, values))
+        return hidden, KVCache.from_prompt(keys, values, attention_mask, cache_size)

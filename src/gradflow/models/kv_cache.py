@@ -1,49 +1,48 @@
-"""The preallocated key/value cache used by the sampler."""
+"""The preallocated key/value cache used by the sampler: one buffer per layer."""
 
 import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from .config import ModelConfig
-
 
 class KVCache(eqx.Module):
-    """Keys and values of every layer for `slots` token slots, and which slots hold real tokens.
+    """Keys and values of every layer for `slots` token slots, and where each row's tokens start.
 
-    Slots `0 … prompt_len-1` hold the (left-padded) prompt; generated tokens follow. Padding slots
-    are never attended to.
+    Each layer has its own `[batch, kv_heads, slots, head_dim]` buffer, so that a decode step reads
+    and extends it in place (no slicing of a stacked array, which XLA may copy). Slots
+    `0 … prompt_len-1` hold the left-padded prompt; generated tokens follow. Row `b`'s real tokens
+    are the contiguous slots from `start[b]` on: its left padding is never attended to.
     """
 
-    keys: Float[Array, "layers batch slots kv_heads head_dim"]
-    values: Float[Array, "layers batch slots kv_heads head_dim"]
-    valid: Bool[Array, "batch slots"]
+    keys: tuple[Float[Array, "batch kv_heads slots head_dim"], ...]
+    values: tuple[Float[Array, "batch kv_heads slots head_dim"], ...]
+    start: Int[Array, " batch"]
 
     @staticmethod
-    def empty(
-        config: ModelConfig,
-        batch: int,
-        slots: int,
-        dtype: str,
+    def from_prompt(
+        keys: Float[Array, "layers batch prompt kv_heads head_dim"],
+        values: Float[Array, "layers batch prompt kv_heads head_dim"],
         prompt_mask: Bool[Array, "batch prompt"] | Int[Array, "batch prompt"],
+        slots: int,
     ) -> "KVCache":
-        """A zero cache whose first slots follow the prompt mask and the rest are valid.
+        """A cache whose first slots hold the prompt's keys and values; the rest are zero.
 
         **Arguments:**
 
-        - `config`: the model config.
-        - `batch`: number of rows.
-        - `slots`: number of token slots.
-        - `dtype`: cache dtype (the compute dtype).
-        - `prompt_mask`: 1 on real prompt tokens.
+        - `keys`, `values`: every layer's keys and values of the prompt (as the prefill computes
+          them).
+        - `prompt_mask`: 1 on real prompt tokens, which must be left-padded (real tokens last).
+        - `slots`: number of token slots (at least the prompt length plus tokens to generate).
 
         **Returns:**
 
-        The empty cache.
+        The cache.
         """
-        shape = (config.num_layers, batch, slots, config.num_kv_heads, config.head_dim)
-        generated = jnp.ones((batch, slots - prompt_mask.shape[1]), bool)
-        return KVCache(
-            keys=jnp.zeros(shape, dtype),
-            values=jnp.zeros(shape, dtype),
-            valid=jnp.concatenate([prompt_mask.astype(bool), generated], axis=1),
-        )
+        prompt_len = prompt_mask.shape[1]
+        pad = ((0, 0), (0, 0), (0, slots - prompt_len), (0, 0))
+
+        def per_layer(stacked):
+            return tuple(jnp.pad(layer.transpose(0, 2, 1, 3), pad) for layer in stacked)
+
+        lengths = jnp.sum(prompt_mask.astype(jnp.int32), axis=1)
+        return KVCache(keys=per_layer(keys), values=per_layer(values), start=prompt_len - lengths)

@@ -92,6 +92,72 @@ def attend(
         )
 
 
+DECODE_ATTENTION = ("xla", "pallas")
+"""Implementations of `attend_cache`: XLA, or JAX's Pallas (Triton) decode-attention kernel."""
+
+PALLAS_BLOCK = 64
+"""Key slots per block of the Pallas kernel; its cache needs a multiple of this many slots."""
+
+
+def attend_cache(
+    q: Float[Array, "batch heads head_dim"],
+    keys: Float[Array, "batch kv_heads slots head_dim"],
+    values: Float[Array, "batch kv_heads slots head_dim"],
+    start: Int[Array, " batch"],
+    end: Int[Array, ""],
+    implementation: str,
+) -> Float[Array, "batch heads head_dim"]:
+    """Grouped-query attention of one query per row over the cache slots `start[b] … end-1`.
+
+    - `"xla"` reads the whole cache, masks, and takes a float32 softmax; the weighted sum of
+      values runs in the cache's dtype, as `jax.nn.dot_product_attention` does it.
+    - `"pallas"` runs JAX's Pallas decode-attention kernel (Triton, GPU only; interpreted on
+      other backends, for tests): one pass over blocks of `PALLAS_BLOCK` slots that reads only
+      the blocks holding slots before `end`, with an online float32 softmax.
+
+    **Arguments:**
+
+    - `q`: the queries (`heads` a multiple of `kv_heads`).
+    - `keys`, `values`: a layer's cache.
+    - `start`: each row's first real slot.
+    - `end`: one past the newest slot (the same for every row).
+    - `implementation`: one of `DECODE_ATTENTION`.
+
+    **Returns:**
+
+    The attention outputs.
+    """
+    batch, heads, head_dim = q.shape
+    kv_heads, slots = keys.shape[1], keys.shape[2]
+    if implementation == "pallas":
+        from jax.experimental.pallas.ops.gpu.decode_attention import gqa
+
+        # The kernel mixes dtypes internally (see `attend`) and returns its float32 normaliser's
+        # dtype.
+        with jax.numpy_dtype_promotion("standard"):
+            out = gqa(
+                q,
+                keys.swapaxes(1, 2),
+                values.swapaxes(1, 2),
+                start,
+                end,
+                block_k=PALLAS_BLOCK,
+                k_splits=slots // PALLAS_BLOCK,
+                interpret=jax.default_backend() != "gpu",
+            )
+        return out.astype(q.dtype)
+    grouped = q.reshape(batch, kv_heads, heads // kv_heads, head_dim)
+    scores = jnp.einsum(
+        "bkgd,bksd->bkgs", grouped, keys, preferred_element_type=jnp.float32
+    ) * jnp.float32(head_dim**-0.5)
+    index = jnp.arange(slots)
+    allowed = (index[None, :] >= start[:, None]) & (index < end)[None, :]
+    scores = jnp.where(allowed[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+    out = jnp.einsum("bkgs,bksd->bkgd", probs, values)
+    return out.reshape(batch, heads, head_dim)
+
+
 class DecoderLayer(eqx.Module):
     """The weights of one (or, stacked along a leading axis, every) decoder layer."""
 

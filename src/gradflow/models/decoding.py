@@ -1,0 +1,225 @@
+"""The decoder's weights laid out for one-token decode steps, and the decode step itself.
+
+A decode step is memory-bound: it should read each weight and the KV cache once, in as few kernels
+as possible. Slicing one layer out of stacked `[layers, ...]` weights inside the loop (what
+`lax.scan` does) can make XLA copy the slice before each matrix product, so `DecodingModel` holds
+every layer's weights as separate arrays, cast once to the compute dtype, with the query/key/value
+projections concatenated into one matrix and the gate/up projections into another. The step runs
+the layers in a Python loop (unrolled in the compiled loop body) against a per-layer `KVCache`.
+"""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from .config import ModelConfig
+from .decoder import Decoder
+from .kv_cache import KVCache
+from .layers import (
+    DECODE_ATTENTION,
+    PALLAS_BLOCK,
+    DecoderLayer,
+    attend_cache,
+    linear,
+    rms_norm,
+)
+from .rope import apply_rotary, rotary_tables
+
+
+class DecodingLayer(eqx.Module):
+    """One decoder layer's weights for decoding (HF `[out, in]` layout, compute dtype)."""
+
+    input_norm: Float[Array, " hidden"]
+    qkv_proj: Float[Array, "qkv_out hidden"]
+    qkv_bias: Float[Array, " qkv_out"] | None
+    o_proj: Float[Array, "hidden q_out"]
+    post_norm: Float[Array, " hidden"]
+    gate_up_proj: Float[Array, "gate_up hidden"]
+    down_proj: Float[Array, "hidden intermediate"]
+
+    @staticmethod
+    def from_layer(layer: DecoderLayer, dtype: str) -> "DecodingLayer":
+        """Concatenates and casts one (unstacked) `DecoderLayer`.
+
+        **Arguments:**
+
+        - `layer`: the layer's weights.
+        - `dtype`: the compute dtype.
+
+        **Returns:**
+
+        The `DecodingLayer`.
+        """
+        bias = None
+        if layer.q_bias is not None:
+            bias = jnp.concatenate([layer.q_bias, layer.k_bias, layer.v_bias]).astype(dtype)
+        return DecodingLayer(
+            input_norm=layer.input_norm.astype(dtype),
+            qkv_proj=jnp.concatenate([layer.q_proj, layer.k_proj, layer.v_proj]).astype(dtype),
+            qkv_bias=bias,
+            o_proj=layer.o_proj.astype(dtype),
+            post_norm=layer.post_norm.astype(dtype),
+            gate_up_proj=jnp.concatenate([layer.gate_proj, layer.up_proj]).astype(dtype),
+            down_proj=layer.down_proj.astype(dtype),
+        )
+
+    def __call__(
+        self,
+        h: Float[Array, "batch hidden"],
+        cos: Float[Array, "batch 1 head_dim"],
+        sin: Float[Array, "batch 1 head_dim"],
+        keys: Float[Array, "batch kv_heads slots head_dim"],
+        values: Float[Array, "batch kv_heads slots head_dim"],
+        slot: Int[Array, ""],
+        start: Int[Array, " batch"],
+        config: ModelConfig,
+        attention: str,
+    ) -> tuple[
+        Float[Array, "batch hidden"],
+        Float[Array, "batch kv_heads slots head_dim"],
+        Float[Array, "batch kv_heads slots head_dim"],
+    ]:
+        """The layer on one token per row: writes its key and value at `slot`, then attends.
+
+        **Arguments:**
+
+        - `h`: the residual stream entering the layer.
+        - `cos`, `sin`: rotary tables for these tokens.
+        - `keys`, `values`: this layer's cache.
+        - `slot`: the cache slot of this token.
+        - `start`: each row's first real slot (it attends to `start … slot`).
+        - `config`: the model config.
+        - `attention`: the `attend_cache` implementation.
+
+        **Returns:**
+
+        `(h, keys, values)`: the residual stream leaving the layer and the updated cache.
+        """
+        batch = h.shape[0]
+        heads, kv_heads, head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        x = rms_norm(h, self.input_norm, config.rms_norm_eps)
+        qkv = linear(x, self.qkv_proj, self.qkv_bias)
+        q, k, v = jnp.split(qkv, [heads * head_dim, (heads + kv_heads) * head_dim], axis=-1)
+        q = apply_rotary(q.reshape(batch, 1, heads, head_dim), cos, sin)
+        k = apply_rotary(k.reshape(batch, 1, kv_heads, head_dim), cos, sin)
+        v = v.reshape(batch, kv_heads, 1, head_dim)
+        keys = jax.lax.dynamic_update_slice(keys, k.transpose(0, 2, 1, 3), (0, 0, slot, 0))
+        values = jax.lax.dynamic_update_slice(values, v, (0, 0, slot, 0))
+        out = attend_cache(q[:, 0], keys, values, start, slot + 1, attention)
+        h = h + linear(out.reshape(batch, -1), self.o_proj)
+        x = rms_norm(h, self.post_norm, config.rms_norm_eps)
+        gate, up = jnp.split(linear(x, self.gate_up_proj), 2, axis=-1)
+        return h + linear(jax.nn.silu(gate) * up, self.down_proj), keys, values
+
+
+class DecodingModel(eqx.Module):
+    """A `Decoder`'s weights for decoding: per-layer arrays in the compute dtype.
+
+    Build it with `DecodingModel.from_decoder` once per generation, outside the decode loop.
+    """
+
+    embed: Float[Array, "vocab hidden"]
+    layers: tuple[DecodingLayer, ...]
+    final_norm: Float[Array, " hidden"]
+    head: Float[Array, "hidden vocab"]
+    config: ModelConfig = eqx.field(static=True)
+    attention: str = eqx.field(static=True)
+
+    def __check_init__(self):
+        if self.attention not in DECODE_ATTENTION:
+            raise ValueError(f"attention must be one of {DECODE_ATTENTION}, got {self.attention!r}")
+
+    @staticmethod
+    def from_decoder(model: Decoder, attention: str = "auto") -> "DecodingModel":
+        """Unstacks and concatenates the layers, casts to `model.compute_dtype`, transposes the head.
+
+        **Arguments:**
+
+        - `model`: the decoder.
+        - `attention`: the decode-attention implementation, one of `DECODE_ATTENTION`, or
+          `"auto"`: `"pallas"` on a GPU, `"xla"` elsewhere.
+
+        **Returns:**
+
+        The `DecodingModel`.
+        """
+        if attention == "auto":
+            attention = "pallas" if jax.default_backend() == "gpu" else "xla"
+        dtype = model.compute_dtype
+        layers = tuple(
+            DecodingLayer.from_layer(jax.tree.map(lambda w, i=i: w[i], model.layers), dtype)
+            for i in range(model.config.num_layers)
+        )
+        return DecodingModel(
+            embed=model.embed.astype(dtype),
+            layers=layers,
+            final_norm=model.final_norm.astype(dtype),
+            head=model.head_weight.astype(dtype).T,
+            config=model.config,
+            attention=attention,
+        )
+
+    def cache_slots(self, tokens: int) -> int:
+        """The number of cache slots to allocate for `tokens` tokens (the Pallas kernel needs a
+        multiple of its block).
+
+        **Arguments:**
+
+        - `tokens`: prompt length plus tokens to generate.
+
+        **Returns:**
+
+        The slot count.
+        """
+        if self.attention == "pallas":
+            return -(-tokens // PALLAS_BLOCK) * PALLAS_BLOCK
+        return tokens
+
+    def logits(self, hidden: Float[Array, "batch hidden"]) -> Float[Array, "batch vocab"]:
+        """Float32 logits of final-normed hidden states (the matmul runs in the compute dtype).
+
+        **Arguments:**
+
+        - `hidden`: final-normed hidden states.
+
+        **Returns:**
+
+        Logits over the vocabulary.
+        """
+        return jnp.dot(hidden, self.head, preferred_element_type=jnp.float32)
+
+    def decode(
+        self,
+        token: Int[Array, " batch"],
+        position: Int[Array, " batch"],
+        slot: Int[Array, ""],
+        cache: KVCache,
+    ) -> tuple[Float[Array, "batch hidden"], KVCache]:
+        """One token per row through the model, extending the KV cache at `slot`.
+
+        **Arguments:**
+
+        - `token`: the newest token of each row.
+        - `position`: its position (the row's count of real tokens before it).
+        - `slot`: the cache slot it is written to (the same for every row).
+        - `cache`: the KV cache.
+
+        **Returns:**
+
+        `(hidden, cache)`: the final-normed hidden state of this token and the updated cache.
+        """
+        config = self.config
+        cos, sin = rotary_tables(config, position[:, None])
+        h = self.embed[token]
+        keys, values = [], []
+        for layer, layer_keys, layer_values in zip(
+            self.layers, cache.keys, cache.values, strict=True
+        ):
+            h, layer_keys, layer_values = layer(
+                h, cos, sin, layer_keys, layer_values, slot, cache.start, config, self.attention
+            )
+            keys.append(layer_keys)
+            values.append(layer_values)
+        hidden = rms_norm(h, self.final_norm, config.rms_norm_eps)
+        return hidden, KVCache(keys=tuple(keys), values=tuple(values), start=cache.start)
