@@ -180,7 +180,7 @@ def generate(
     - `eos_token_ids`: tokens that end a row.
     - `pad_token_id`: written after a row's end.
     - `decode_attention`: `"xla"`, `"pallas"` (JAX's Triton decode-attention kernel, which reads
-      only the cache blocks in use) or `"auto"` (Pallas on a GPU, XLA elsewhere).
+      only the cache blocks in use) or `"auto"` (Pallas on a single GPU, XLA elsewhere).
 
     **Returns:**
 

@@ -138,14 +138,17 @@ class DecodingModel(eqx.Module):
 
         - `model`: the decoder.
         - `attention`: the decode-attention implementation, one of `DECODE_ATTENTION`, or
-          `"auto"`: `"pallas"` on a GPU, `"xla"` elsewhere.
+          `"auto"`: `"pallas"` when this process drives a single GPU, `"xla"` elsewhere (the
+          Pallas kernel has no rule for splitting it over a device mesh, which XLA would meet
+          by gathering the whole cache onto every device).
 
         **Returns:**
 
         The `DecodingModel`.
         """
         if attention == "auto":
-            attention = "pallas" if jax.default_backend() == "gpu" else "xla"
+            single_gpu = jax.default_backend() == "gpu" and jax.device_count() == 1
+            attention = "pallas" if single_gpu else "xla"
         dtype = model.compute_dtype
         layers = tuple(
             DecodingLayer.from_layer(jax.tree.map(lambda w, i=i: w[i], model.layers), dtype)
