@@ -14,6 +14,7 @@ the baseline), so it runs in a minimal GPU image.
 """
 
 import argparse
+import dataclasses
 import gzip
 import json
 import os
@@ -252,6 +253,8 @@ def time_parts(model, prompt_ids, args) -> str:
             head_bytes = decoding.head.nbytes
             if args.trace is not None:
                 write_trace(args.trace, decode, sample, decoding, state, hidden)
+    if jax.default_backend() == "gpu":
+        rows.insert(0, cudnn_prefill_row(model, ids, mask, args))
     return "\n".join(
         [
             "",
@@ -264,6 +267,29 @@ def time_parts(model, prompt_ids, args) -> str:
             f"| prefill + {args.new_tokens} x ({implementations[0]} decode + sampling) | "
             f"{total_s * 1e3:.0f} | |",
         ]
+    )
+
+
+def cudnn_prefill_row(model, ids, mask, args) -> str:
+    """The prefill with cuDNN attention (`attention_impl="cudnn"`): its time, and how far its last
+    hidden states and cached keys/values are from the XLA attention's (max |Δ| / max |x|)."""
+    slots = args.prompt_len + args.new_tokens
+    prefill = eqx.filter_jit(lambda m, i, k: m.prefill(i, k, slots))
+    try:
+        cudnn = dataclasses.replace(model, attention_impl="cudnn")
+        seconds = median_time(lambda: jax.block_until_ready(prefill(cudnn, ids, mask)), 3)
+        ours, reference = prefill(cudnn, ids, mask), prefill(model, ids, mask)
+    except Exception as error:  # noqa: BLE001 (report any failure in the table)
+        return f"| prefill, cuDNN attention | failed | {type(error).__name__}: {str(error)[:200]} |"
+    errors = [
+        float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
+        / float(jnp.max(jnp.abs(b.astype(jnp.float32))))
+        for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(reference), strict=True)
+        if jnp.issubdtype(b.dtype, jnp.floating)
+    ]
+    return (
+        f"| prefill, cuDNN attention | {seconds * 1e3:.2f} | largest relative difference from "
+        f"XLA attention over hidden state and cache: {max(errors):.2e} |"
     )
 
 
