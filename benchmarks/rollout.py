@@ -32,6 +32,7 @@ import equinox as eqx  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from tiny_qwen2 import hf_config_dict  # noqa: E402
 
 from gradflow.models import (  # noqa: E402
     DecodingModel,
@@ -41,25 +42,6 @@ from gradflow.models import (  # noqa: E402
     save_hf,
 )
 from gradflow.rollout import generate, sample_token  # noqa: E402
-
-# A small Qwen2 shape with Qwen's real vocabulary (overridable with --vocab).
-DEFAULT_CONFIG = {
-    "architectures": ["Qwen2ForCausalLM"],
-    "model_type": "qwen2",
-    "vocab_size": 151646,
-    "hidden_size": 128,
-    "intermediate_size": 384,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "hidden_act": "silu",
-    "max_position_embeddings": 32768,
-    "rope_theta": 1000000.0,
-    "rms_norm_eps": 1e-6,
-    "tie_word_embeddings": True,
-    "use_sliding_window": False,
-    "initializer_range": 0.02,
-}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -95,13 +77,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="also write the table (and JSON) to this folder")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
-
-
-def hf_config_dict(args: argparse.Namespace) -> dict:
-    config = dict(DEFAULT_CONFIG) if args.config is None else json.loads(args.config.read_text())
-    if args.vocab is not None:
-        config["vocab_size"] = args.vocab
-    return config
 
 
 def measure(runners: dict, repeats: int) -> dict:

@@ -38,6 +38,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tiny_qwen2 import hf_config_dict
 
 from gradflow.algorithms import make
 from gradflow.batch import Prompts
@@ -46,24 +47,6 @@ from gradflow.stages import HostReward
 from gradflow.state import init_state
 from gradflow.step import step
 
-# A small Qwen2 shape with Qwen's real vocabulary (overridable with --config / --vocab).
-DEFAULT_CONFIG = {
-    "architectures": ["Qwen2ForCausalLM"],
-    "model_type": "qwen2",
-    "vocab_size": 151646,
-    "hidden_size": 128,
-    "intermediate_size": 384,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "hidden_act": "silu",
-    "max_position_embeddings": 32768,
-    "rope_theta": 1000000.0,
-    "rms_norm_eps": 1e-6,
-    "tie_word_embeddings": True,
-    "use_sliding_window": False,
-    "initializer_range": 0.02,
-}
 LEARNING_RATE = 1e-6
 
 
@@ -116,13 +99,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.synthetic:
         args.skip_trl = True
     return args
-
-
-def hf_config_dict(args: argparse.Namespace) -> dict:
-    config = dict(DEFAULT_CONFIG) if args.config is None else json.loads(args.config.read_text())
-    if args.vocab is not None:
-        config["vocab_size"] = args.vocab
-    return config
 
 
 # --- the workload: prompts and reward -------------------------------------------------------
