@@ -138,6 +138,7 @@ def _as_completions(tokens, mask):
         tokens=jnp.asarray(tokens, jnp.int32),
         mask=jnp.asarray(mask),
         logprobs=jnp.zeros(tokens.shape, jnp.float32),
+        sampling_logprobs=jnp.zeros(tokens.shape, jnp.float32),
         lengths=jnp.asarray(lengths, jnp.int32),
         finished=jnp.asarray(finished),
     )
@@ -187,10 +188,12 @@ def test_fixed_batch_is_as_designed():
 
 
 class FixedRollout(AbstractRollout):
-    """Returns fixed completions; `prompts_to_sample` and `select` are the inner stage's."""
+    """Returns fixed completions; `prompts_to_sample` and `select` are the inner stage's;
+    `filtered` says whether they count as drawn with top-k/top-p."""
 
     completions: Completions
     inner: AbstractRollout
+    filtered: bool = False
 
     @property
     def group_size(self) -> int:
@@ -656,6 +659,28 @@ def test_grpo_gradient_with_kl_in_the_loss():
     expected = expected_grad(advantages, ref_logp=ref_logp, beta=0.001)
     assert_grad_close(grad, expected)
     assert relative_gap(expected, expected_grad(advantages)) > 3e-4  # the KL term is visible
+
+
+def test_top_k_top_p_samples_are_weighed_by_the_kept_mass():
+    """Tokens drawn from a truncated distribution μ (top-k/top-p) enter the policy loss weighed
+    by π_old(y)/μ(y): here each token's sampling log-prob is set to its policy log-prob minus
+    log(kept mass), and the gradient must be that of `-mean(kept * A * logp)`."""
+    kept = np.random.RandomState(11).uniform(0.3, 1.0, (B, T))
+    sampling_logp = logprobs_of(MODEL) - np.log(kept)
+    completions = dataclasses.replace(
+        COMPLETIONS, sampling_logprobs=jnp.asarray(sampling_logp, jnp.float32)
+    )
+    algorithm = make("grpo", reward=REWARD, eos_token_ids=(EOS,), group_size=G, max_new_tokens=T)
+    algorithm = prepared(algorithm, completions)
+    algorithm = eqx.tree_at(lambda a: a.rollout.filtered, algorithm, True)
+    _, metrics, grad = run(algorithm)
+    np.testing.assert_allclose(metrics["loss/kept_mass"], kept[MASK].mean(), rtol=1e-5)
+    advantages = grpo_advantages_ref()
+    expected = expected_grad(advantages * kept)
+    assert_grad_close(grad, expected)
+    assert relative_gap(expected, expected_grad(advantages)) > 0.05  # the weights are visible
+    # Unfiltered sampling: no weights, and no kept-mass metric.
+    assert "loss/kept_mass" not in named_run("grpo")[1]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -174,6 +174,7 @@ def test_reward_that_raises_or_returns_nan_scores_zero_and_is_counted():
         tokens=jnp.asarray(tokens),
         mask=jnp.asarray(mask),
         logprobs=jnp.zeros((3, 4), jnp.float32),
+        sampling_logprobs=jnp.zeros((3, 4), jnp.float32),
         lengths=jnp.asarray(mask.sum(1), jnp.int32),
         finished=jnp.ones((3,), bool),
     )

@@ -60,7 +60,9 @@ def ref_kl(logp, ref_logp, estimator):
     return out
 
 
-def ref_policy_loss(logp, old, adv, m, clip_low, clip_high, dual_clip, agg, ratio_level):
+def ref_policy_loss(
+    logp, old, adv, m, clip_low, clip_high, dual_clip, agg, ratio_level, weights=None
+):
     batch, time = m.shape
     log_ratio = np.zeros((batch, time))
     for b in range(batch):
@@ -85,7 +87,7 @@ def ref_policy_loss(logp, old, adv, m, clip_low, clip_high, dual_clip, agg, rati
         if dual_clip is not None and a < 0:
             lower[b, t] = c > -a * dual_clip
             c = min(-a * dual_clip, c)
-        loss[b, t] = c
+        loss[b, t] = c if weights is None else float(weights[b, t]) * c
     metrics = {
         "approx_kl": ref_masked_mean(-log_ratio, m),
         "clipfrac": ref_masked_mean(clipped, m),
@@ -252,6 +254,33 @@ def test_policy_loss(clip_low, clip_high, dual_clip, ratio_level, agg):
     # The inputs make every metric act (so the comparisons above are not vacuous).
     assert ref_metrics["clipfrac"] > 0
     assert (ref_metrics["clipfrac_lower"] > 0) == (dual_clip is not None)
+
+
+@pytest.mark.parametrize("agg", AGG_MODES)
+def test_policy_loss_importance_weights(agg):
+    """Per-token weights (π_old/μ of top-k/top-p samples) scale each token's clipped loss and
+    are constants for the gradient; the metrics do not change."""
+    logp, old, adv, mask = make_policy_inputs()
+    weights = np.random.default_rng(5).uniform(0.2, 1.0, mask.shape)
+
+    def loss_of(lp, w):
+        return policy_loss(
+            lp, jnp.asarray(old), jnp.asarray(adv), jnp.asarray(mask), agg=agg, weights=w
+        )
+
+    loss, metrics = loss_of(jnp.asarray(logp), jnp.asarray(weights))
+    ref_loss, ref_metrics = ref_policy_loss(
+        logp, old, adv, mask, 0.2, 0.2, 3.0, agg, "token", weights=weights
+    )
+    close(loss, ref_loss, rtol=1e-5)
+    for name, value in ref_metrics.items():
+        close(metrics[name], value, atol=1e-6)
+    assert (
+        abs(ref_loss - ref_policy_loss(logp, old, adv, mask, 0.2, 0.2, 3.0, agg, "token")[0]) > 1e-3
+    )
+    # d loss / d weights is zero: the weights are not trained through.
+    grad_w = jax.grad(lambda w: loss_of(jnp.asarray(logp), w)[0])(jnp.asarray(weights))
+    assert not np.any(np.asarray(grad_w))
 
 
 def test_policy_loss_clip_higher_is_asymmetric():

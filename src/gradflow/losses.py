@@ -187,13 +187,15 @@ def policy_loss(
     agg: str = "token-mean",
     ratio_level: str = "token",
     denominator: Float[Array, ""] | None = None,
+    weights: Float[Array, "batch time"] | None = None,
 ) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
     """PPO-clip policy loss with clip-higher, dual clip and GSPO's sequence-level ratio.
 
     `log_ratio = clip(logp - old_logp, -20, 20)`, `ratio = exp(log_ratio)`,
     `l1 = -A*ratio`, `l2 = -A*clip(ratio, 1 - clip_low, 1 + clip_high)`, `c = max(l1, l2)`,
     `L = where(A < 0, min(-A*dual_clip, c), c)` (no dual clip when `dual_clip` is None), then
-    `aggregate(L, mask, agg, denominator=denominator)`.
+    `aggregate(w*L, mask, agg, denominator=denominator)` with per-token importance weights `w`
+    (1 unless `weights` is given).
 
     With `ratio_level="sequence"` (GSPO) the log ratio of every token is the masked mean over
     its sequence of `logp - old_logp` (0 for a sequence without valid tokens; the gradient
@@ -216,6 +218,9 @@ def policy_loss(
     - `ratio_level`: `"token"` (PPO) or `"sequence"` (GSPO).
     - `denominator`: aggregation denominator (see `aggregate`); the whole minibatch's for
         gradient accumulation.
+    - `weights`: per-token importance weights `π_old(y_t) / μ(y_t)` of tokens drawn from a
+        sampling distribution `μ` other than the behaviour policy (top-k/top-p); treated as
+        constants.
 
     **Returns:**
 
@@ -251,6 +256,8 @@ def policy_loss(
         loss_mat = jnp.where(negative, jnp.minimum(-adv * dual_clip, c), c)
         lower = (c > -adv * dual_clip) & negative
         clipfrac_lower = masked_mean(lower.astype(jnp.float32), m)
+    if weights is not None:
+        loss_mat = jax.lax.stop_gradient(weights.astype(jnp.float32)) * loss_mat
     loss = aggregate(loss_mat, m, agg, denominator=denominator)
     metrics = {
         "approx_kl": masked_mean(-log_ratio, m),

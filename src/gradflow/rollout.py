@@ -21,6 +21,10 @@ class Completions(eqx.Module):
     - `mask`: 1 on generated tokens up to and including EOS.
     - `logprobs`: float32 log-probability of each sampled token under the unmodified policy
       (temperature 1, no top-k/top-p), 0 where `mask` is 0.
+    - `sampling_logprobs`: float32 log-probability of each sampled token under the distribution
+      it was drawn from (temperature, top-k and top-p applied; 0 for greedy decoding and where
+      `mask` is 0). With top-k/top-p, `exp(tempered log-prob - sampling_logprobs)` is the
+      probability mass the filter kept.
     - `lengths`: number of generated tokens of each row.
     - `finished`: whether the row ended with EOS (otherwise it was truncated).
     """
@@ -28,6 +32,7 @@ class Completions(eqx.Module):
     tokens: Int[Array, "batch new"]
     mask: Bool[Array, "batch new"]
     logprobs: Float[Array, "batch new"]
+    sampling_logprobs: Float[Array, "batch new"]
     lengths: Int[Array, " batch"]
     finished: Bool[Array, " batch"]
 
@@ -50,7 +55,7 @@ def filter_logits(
     """
     logits = logits / temperature
     if top_k > 0:
-        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][:, -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     if top_p < 1.0:
         order = jnp.argsort(-logits, axis=-1)
@@ -74,8 +79,8 @@ def sample_token(
     temperature: float,
     top_k: int,
     top_p: float,
-) -> tuple[Int[Array, " batch"], Float[Array, " batch"]]:
-    """Draws one token per row (greedy when `temperature == 0`) and its unmodified log-probability.
+) -> tuple[Int[Array, " batch"], Float[Array, " batch"], Float[Array, " batch"]]:
+    """Draws one token per row (greedy when `temperature == 0`) and its log-probabilities.
 
     **Arguments:**
 
@@ -85,20 +90,28 @@ def sample_token(
 
     **Returns:**
 
-    `(tokens, logprobs)`: the token ids and their log-probabilities under `softmax(logits)`
-    (temperature 1, no filtering).
+    `(tokens, logprobs, sampling_logprobs)`: the token ids, their log-probabilities under
+    `softmax(logits)` (temperature 1, no filtering), and under the distribution they were drawn
+    from (`softmax(filter_logits(logits))`; 0 when greedy).
     """
+    unmodified = temperature == 1.0 and top_k == 0 and top_p == 1.0
     if temperature == 0.0:
         tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         normalizer = jax.nn.logsumexp(logits, axis=-1)
-    elif temperature == 1.0 and top_k == 0 and top_p == 1.0:
+        sampling_logprobs = jnp.zeros(tokens.shape, jnp.float32)
+    elif unmodified:
         tokens, normalizer = inverse_cdf_sample(logits, uniform)
     else:
         filtered = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
-        tokens, _ = inverse_cdf_sample(filtered, uniform)
+        tokens, filtered_normalizer = inverse_cdf_sample(filtered, uniform)
+        picked = jnp.take_along_axis(filtered, tokens[:, None], axis=-1)[:, 0]
+        sampling_logprobs = picked - filtered_normalizer
         normalizer = jax.nn.logsumexp(logits, axis=-1)
     chosen = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
-    return tokens, chosen - normalizer
+    logprobs = chosen - normalizer
+    if unmodified:
+        sampling_logprobs = logprobs
+    return tokens, logprobs, sampling_logprobs
 
 
 def inverse_cdf_sample(
@@ -226,13 +239,13 @@ def _generate(
     uniforms = jax.random.uniform(key, (max_new_tokens, batch), jnp.float32)
 
     def cond(carry):
-        i, done = carry[0], carry[4]
+        i, done = carry[0], carry[5]
         return (i < max_new_tokens) & ~jnp.all(done)
 
     def body(carry):
-        i, tokens, mask, logprobs, done, hidden, cache = carry
+        i, tokens, mask, logprobs, sampling_logprobs, done, hidden, cache = carry
         logits = decoding.logits(hidden)
-        token, logp = sample_token(
+        token, logp, sampling_logp = sample_token(
             logits, uniforms[i], temperature=temperature, top_k=top_k, top_p=top_p
         )
         token = jnp.where(done, pad_token_id, token)
@@ -240,24 +253,27 @@ def _generate(
         tokens = tokens.at[:, i].set(token)
         mask = mask.at[:, i].set(live)
         logprobs = logprobs.at[:, i].set(jnp.where(live, logp, 0.0))
+        sampling_logprobs = sampling_logprobs.at[:, i].set(jnp.where(live, sampling_logp, 0.0))
         done = done | jnp.any(token[:, None] == eos[None, :], axis=-1)
         hidden, cache = decoding.decode(token, prompt_lengths + i, prompt_len + i, cache)
-        return i + 1, tokens, mask, logprobs, done, hidden, cache
+        return i + 1, tokens, mask, logprobs, sampling_logprobs, done, hidden, cache
 
     init = (
         jnp.asarray(0, jnp.int32),
         jnp.full((batch, max_new_tokens), pad_token_id, jnp.int32),
         jnp.zeros((batch, max_new_tokens), bool),
         jnp.zeros((batch, max_new_tokens), jnp.float32),
+        jnp.zeros((batch, max_new_tokens), jnp.float32),
         jnp.zeros((batch,), bool),
         hidden,
         cache,
     )
-    _, tokens, mask, logprobs, done, _, _ = jax.lax.while_loop(cond, body, init)
+    _, tokens, mask, logprobs, sampling_logprobs, done, _, _ = jax.lax.while_loop(cond, body, init)
     return Completions(
         tokens=tokens,
         mask=mask,
         logprobs=logprobs,
+        sampling_logprobs=sampling_logprobs,
         lengths=jnp.sum(mask.astype(jnp.int32), axis=1),
         finished=done,
     )

@@ -38,6 +38,7 @@ class UpdateBatch(eqx.Module):
     mask: Bool[Array, "batch new"]
     advantages: Float[Array, "batch new"]
     old_logp: Float[Array, "batch new"] | None
+    sampling_logp: Float[Array, "batch new"] | None
     ref_logp: Float[Array, "batch new"] | None
     old_values: Float[Array, "batch new"] | None
     returns: Float[Array, "batch new"] | None
@@ -88,6 +89,11 @@ def _objective(
         temperature=_training_temperature(algorithm),
     )
     old = jax.lax.stop_gradient(logp) if micro.old_logp is None else micro.old_logp
+    weights = None
+    if micro.sampling_logp is not None:
+        # Tokens drawn with top-k/top-p come from the truncated distribution μ, not from π_old:
+        # each is weighed by π_old(y)/μ(y), the probability mass the filter kept at its step.
+        weights = jnp.exp(jnp.where(micro.mask, old - micro.sampling_logp, 0.0))
     pg, pg_metrics = policy_loss(
         logp,
         old,
@@ -99,10 +105,13 @@ def _objective(
         agg=loss.agg,
         ratio_level=loss.ratio_level,
         denominator=denominator,
+        weights=weights,
     )
     total = pg
     tokens = jnp.sum(micro.mask.astype(jnp.float32))
     sums = {f"loss/{k}": v * tokens for k, v in pg_metrics.items()}
+    if weights is not None:
+        sums["loss/kept_mass"] = jnp.sum(jnp.where(micro.mask, weights, 0.0))
     sums["loss/entropy"] = jnp.sum(jnp.where(micro.mask, entropy, 0.0))
     if loss.entropy_coef:
         total = total - loss.entropy_coef * aggregate(
@@ -385,6 +394,7 @@ def _compiled_step(inputs, state: TrainState) -> tuple[TrainState, dict[str, Arr
             mask=mask,
             advantages=jax.lax.stop_gradient(advantages),
             old_logp=old_logp if not loss.reuses_logprobs else None,
+            sampling_logp=completions.sampling_logprobs if algorithm.rollout.filtered else None,
             ref_logp=ref_logp,
             old_values=old_values,
             returns=None if returns is None else jax.lax.stop_gradient(returns),

@@ -23,6 +23,7 @@ class AbstractRollout(eqx.Module):
     group_size: AbstractVar[int]
     max_new_tokens: AbstractVar[int]
     temperature: AbstractVar[float]
+    filtered: AbstractVar[bool]
 
     @abc.abstractmethod
     def prompts_to_sample(self, prompts_per_step: int) -> int:
@@ -66,6 +67,12 @@ class Sampling(AbstractRollout):
                 f"sampling needs temperature >= 0, 0 < top_p <= 1 and top_k >= 0; got "
                 f"temperature={self.temperature}, top_p={self.top_p}, top_k={self.top_k}"
             )
+
+    @property
+    def filtered(self) -> bool:
+        """Whether tokens are drawn from a top-k/top-p truncated distribution (then the update
+        weighs each token by the probability mass the filter kept: see `gradflow.step`)."""
+        return self.temperature > 0 and (self.top_k > 0 or self.top_p < 1.0)
 
     def prompts_to_sample(self, prompts_per_step: int) -> int:
         return prompts_per_step
@@ -126,6 +133,10 @@ class DynamicSampling(AbstractRollout):
     @property
     def temperature(self) -> float:
         return self.sampling.temperature
+
+    @property
+    def filtered(self) -> bool:
+        return self.sampling.filtered
 
     def prompts_to_sample(self, prompts_per_step: int) -> int:
         return prompts_per_step * self.oversample
