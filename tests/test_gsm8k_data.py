@@ -5,6 +5,11 @@ import logging
 
 import datasets
 import pytest
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import Whitespace
+from tokenizers.processors import TemplateProcessing
+from transformers import PreTrainedTokenizerFast
 
 from gradflow.assets import ASSETS, asset_path
 from gradflow.data import DataError, Problem, load_gsm8k, load_jsonl_problems
@@ -14,6 +19,7 @@ from gradflow.prompts import (
     load_tokenizer,
     plain_prompt,
 )
+from gradflow.task import _bos_text, _eos_ids
 
 GOOD = {"question": "What is 2 + 2?", "answer": "2 + 2 = 4\n#### 4"}
 
@@ -165,3 +171,29 @@ def test_chat_prompt_without_template_points_to_plain():
     with pytest.raises(ValueError, match='prompt.template = "plain"'):
         chat_prompt(bare, "q")
     assert plain_prompt("What is 2 + 2?", "Think.") == "What is 2 + 2?\nThink.\n"
+
+
+def test_eos_ids_include_the_models_own_list(tokenizer, tmp_path):
+    """What HF `generate` stops on (`generation_config.json`, else `config.json`) ends a
+    completion too, besides the tokenizer's EOS and Qwen's turn ends."""
+    base = set(_eos_ids(tokenizer, None))
+    assert base == {151643, 151645}
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 7}))
+    assert set(_eos_ids(tokenizer, tmp_path)) == base | {7}
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [8, 151645]}))
+    assert set(_eos_ids(tokenizer, tmp_path)) == base | {8}
+
+
+def test_plain_prompts_start_with_bos_where_the_tokenizer_adds_one(tokenizer):
+    """Plain prompts are encoded as `tokenizer(text)` would: with the BOS a Llama-3-style
+    tokenizer puts first, and none for Qwen."""
+    assert _bos_text(tokenizer) == ""
+    words = Tokenizer(WordLevel({"<s>": 0, "<unk>": 1, "a": 2, "b": 3}, unk_token="<unk>"))
+    words.pre_tokenizer = Whitespace()
+    words.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    with_bos = PreTrainedTokenizerFast(tokenizer_object=words, bos_token="<s>", unk_token="<unk>")
+    assert _bos_text(with_bos) == "<s>"
+    text = _bos_text(with_bos) + "a b"
+    assert (
+        with_bos.encode(text, add_special_tokens=False) == with_bos("a b")["input_ids"] == [0, 2, 3]
+    )

@@ -26,8 +26,8 @@ import torch
 import transformers
 from safetensors.numpy import load_file, save_file
 
-from gradflow.models import CheckpointError, Decoder, load_hf, save_hf
-from gradflow.rollout import generate
+from gradflow.models import CheckpointError, Decoder, ModelConfig, load_hf, save_hf
+from gradflow.rollout import filter_logits, generate
 
 torch.set_num_threads(2)
 
@@ -325,6 +325,68 @@ def test_load_misshaped_tensor_names_it_and_the_file(checkpoints, tmp_path):
     assert "(63, 32)" in str(info.value) and "(64, 32)" in str(info.value)
 
 
+def test_load_unused_tensor_names_it(checkpoints, tmp_path):
+    """A tensor the model would not read (here an o_proj bias) is an error, not silently
+    dropped."""
+    source = checkpoints["qwen_gqa2"].path
+    weights = load_file(source / "model.safetensors")
+    weights["model.layers.0.self_attn.o_proj.bias"] = np.ones(32, np.float32)
+    _copy_with_weights(source, tmp_path, weights)
+    with pytest.raises(CheckpointError, match=r"model\.layers\.0\.self_attn\.o_proj\.bias"):
+        load_hf(tmp_path)
+
+
+def test_llama_attention_bias_is_refused(checkpoints, tmp_path):
+    """HF's Llama with `attention_bias` has an o_proj bias gradflow does not model."""
+    source = checkpoints["llama_gqa3"].path
+    config = json.loads((source / "config.json").read_text())
+    config["attention_bias"] = True
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"config\.json.*attention_bias"):
+        load_hf(tmp_path)
+
+
+def test_save_over_a_sharded_save_replaces_it(checkpoints, prompts, tmp_path):
+    """Saving a single-file checkpoint into a directory holding a sharded one leaves no stale
+    index or shards behind: gradflow and HF both load the new weights."""
+    ids, mask = prompts
+    old, new = checkpoints["llama_gqa3"].model, load_hf(checkpoints["llama_gqa3"].path)
+    new = eqx.tree_at(lambda m: m.embed, new, new.embed * 2.0)
+    save_hf(old, tmp_path, max_shard_bytes=32_000)
+    save_hf(new, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    np.testing.assert_array_equal(
+        gf_logits(load_hf(tmp_path), ids, mask), gf_logits(new, ids, mask)
+    )
+
+
+def test_config_reads_rope_as_transformers_does(checkpoints):
+    """`rope_scaling`'s own `rope_theta` wins over the top-level one; llama3's
+    `original_max_position_embeddings` defaults to `max_position_embeddings`; integer rope
+    fields stay integers when written back; `partial_rotary_factor` other than 1 is refused."""
+    base = json.loads((checkpoints["llama_gqa3"].path / "config.json").read_text())
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+    }
+    hf = {**base, "rope_theta": 10000.0, "rope_scaling": rope}
+    hf.pop("rope_parameters", None)
+    config = ModelConfig.from_hf(hf)
+    reference = transformers.LlamaConfig(**hf)
+    assert config.rope_theta == reference.rope_parameters["rope_theta"] == 500000.0
+    scaling = dict(config.rope_scaling)
+    assert scaling["original_max_position_embeddings"] == base["max_position_embeddings"]
+    written = config.to_hf()["rope_parameters"]["original_max_position_embeddings"]
+    assert isinstance(written, int)
+    with pytest.raises(ValueError, match="partial_rotary_factor"):
+        ModelConfig.from_hf({**hf, "partial_rotary_factor": 0.5})
+    with pytest.raises(ValueError, match="linear RoPE needs factor"):
+        ModelConfig.from_hf({**hf, "rope_scaling": {"rope_type": "linear"}})
+
+
 # ---------------------------------------------------------------------------------------------
 # Sampler.
 
@@ -339,6 +401,7 @@ def check_completion_structure(completions, eos: int | None, pad: int, max_new: 
     tokens = np.asarray(completions.tokens)
     mask = np.asarray(completions.mask)
     logprobs = np.asarray(completions.logprobs)
+    sampling = np.asarray(completions.sampling_logprobs)
     lengths = np.asarray(completions.lengths)
     finished = np.asarray(completions.finished)
     for row in range(tokens.shape[0]):
@@ -349,6 +412,7 @@ def check_completion_structure(completions, eos: int | None, pad: int, max_new: 
         assert (tokens[row, n:] == pad).all()
         assert (logprobs[row, n:] == 0.0).all()
         assert (logprobs[row, :n] <= 0.0).all()
+        assert (sampling[row, n:] == 0.0).all() and (sampling[row, :n] <= 0.0).all()
         assert finished[row] == (eos is not None and kept[-1] == eos)
         if not finished[row]:
             assert n == max_new
@@ -409,11 +473,13 @@ def test_greedy_matches_hf_generate(checkpoints, prompts, name, attention):
     np.testing.assert_allclose(
         np.asarray(completions.logprobs)[real], expected_logp[real], atol=1e-4, rtol=0
     )
+    assert (np.asarray(completions.sampling_logprobs) == 0).all()  # greedy: probability 1
 
 
 @pytest.mark.parametrize("name", ["qwen_gqa2", "llama_gqa3"])
 def test_sampled_logprobs_are_those_of_the_unmodified_policy(checkpoints, prompts, name):
-    """At temperature 0.7 with top-k the logprobs are still the temperature-1 full-vocab ones."""
+    """At temperature 0.7 with top-k the logprobs are still the temperature-1 full-vocab ones;
+    the sampling log-probs are those of the tempered top-k distribution the tokens came from."""
     ckpt = checkpoints[name]
     ids, mask = prompts
     completions = generate(
@@ -434,6 +500,14 @@ def test_sampled_logprobs_are_those_of_the_unmodified_policy(checkpoints, prompt
     np.testing.assert_allclose(
         np.asarray(completions.logprobs)[real], expected[real], atol=1e-4, rtol=0
     )
+    tempered = completion_logits(ckpt.hf, ids, mask, tokens).astype(np.float64) / 0.7
+    kth = np.sort(tempered, axis=-1)[..., -5:-4]
+    truncated = log_softmax(np.where(tempered >= kth, tempered, -np.inf))
+    expected = np.take_along_axis(truncated, tokens[..., None], axis=-1)[..., 0]
+    sampling = np.asarray(completions.sampling_logprobs)
+    np.testing.assert_allclose(sampling[real], expected[real], atol=1e-4, rtol=0)
+    assert np.abs(sampling - np.asarray(completions.logprobs))[real].mean() > 1e-2
+    assert (sampling[~real] == 0).all()
 
 
 SAMPLES = 4000
@@ -590,6 +664,12 @@ def test_cache_attention_matches_numpy(implementation):
             weights = np.exp(scores - scores.max())
             expected[b, h] = weights @ v / weights.sum()
     np.testing.assert_allclose(np.asarray(out), expected, atol=2e-5)
+
+
+def test_top_k_larger_than_the_vocabulary_keeps_everything():
+    logits = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5)), jnp.float32)
+    kept = filter_logits(logits, temperature=1.0, top_k=10, top_p=1.0)
+    np.testing.assert_array_equal(np.asarray(kept), np.asarray(logits))
 
 
 def test_two_level_sampler_follows_the_distribution():

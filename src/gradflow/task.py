@@ -5,6 +5,7 @@ its character tokenizer, shipped next to the toy model) or GSM8K (chat-template 
 """
 
 import dataclasses
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -134,7 +135,10 @@ class Task:
         return HostReward(scorer=scorer, parts=parts, weights=weights)
 
 
-def _eos_ids(tokenizer) -> tuple[int, ...]:
+def _eos_ids(tokenizer, model_dir: Path | None) -> tuple[int, ...]:
+    """The tokens that end a completion: the tokenizer's EOS, the turn ends of Qwen's chat
+    template, and the model's own EOS list (`generation_config.json`, else `config.json`: what
+    HF `generate` stops on, e.g. Llama 3's `<|eot_id|>`, `<|eom_id|>` and `<|end_of_text|>`)."""
     ids = set()
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
@@ -142,7 +146,21 @@ def _eos_ids(tokenizer) -> tuple[int, ...]:
         token_id = tokenizer.convert_tokens_to_ids(token)
         if isinstance(token_id, int) and token_id != tokenizer.unk_token_id and token_id >= 0:
             ids.add(token_id)
+    if model_dir is not None:
+        for name in ("generation_config.json", "config.json"):
+            if (model_dir / name).is_file():
+                eos = json.loads((model_dir / name).read_text()).get("eos_token_id")
+                ids.update([eos] if isinstance(eos, int) else eos or [])
+                break
     return tuple(sorted(ids))
+
+
+def _bos_text(tokenizer) -> str:
+    """The BOS token's text when the tokenizer puts one before every text it encodes (Llama 3;
+    not Qwen), for prompts that no chat template writes it into."""
+    encoded = tokenizer.encode("a")
+    bos = tokenizer.bos_token_id
+    return tokenizer.bos_token if bos is not None and encoded and encoded[0] == bos else ""
 
 
 def build_task(config: Config) -> Task:
@@ -184,10 +202,11 @@ def build_task(config: Config) -> Task:
             test = load_gsm8k("test", source=tc.source)
         train, test = train[: tc.train_size], test[: tc.test_size]
         instruction = tc.instruction or DEFAULT_INSTRUCTION
+        bos = _bos_text(tokenizer)
 
         def text(question: str) -> str:
             if tc.prompt_template == "plain":
-                return plain_prompt(question, instruction)
+                return bos + plain_prompt(question, instruction)
             return chat_prompt(
                 tokenizer, question, system=tc.system or DEFAULT_SYSTEM, instruction=instruction
             )
@@ -211,6 +230,6 @@ def build_task(config: Config) -> Task:
         ),
         reward_functions=functions,
         weights={"correct": tc.correct_weight, "format": tc.format_weight},
-        eos_token_ids=_eos_ids(tokenizer),
+        eos_token_ids=_eos_ids(tokenizer, model_dir),
         pad_token_id=int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0),
     )

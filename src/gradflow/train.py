@@ -13,6 +13,7 @@ the step in flight, saves a checkpoint and exits with status 130 (a second Ctrl-
 import dataclasses
 import json
 import logging
+import shutil
 import signal
 import threading
 import time
@@ -389,6 +390,10 @@ class Trainer:
             export = self.run_dir / "hf"
             save_hf(policy, export)
             self.task.tokenizer.save_pretrained(export)
+            # The source model's generation defaults (its EOS list above all) go with it.
+            source = resolve_path(config.model.path) if config.model.path else None
+            if source is not None and (source / "generation_config.json").is_file():
+                shutil.copy(source / "generation_config.json", export)
         self.log.finish()
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("gradflow: run finished")

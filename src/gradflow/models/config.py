@@ -7,6 +7,16 @@ from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# The parameters each RoPE type reads (besides `rope_theta`).
+ROPE_PARAMETERS = {
+    "linear": ("factor",),
+    "llama3": (
+        "factor",
+        "low_freq_factor",
+        "high_freq_factor",
+        "original_max_position_embeddings",
+    ),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +41,7 @@ class ModelConfig:
     attention_bias: bool
     max_position_embeddings: int
     rope_type: str = "default"
-    rope_scaling: tuple[tuple[str, float], ...] = ()
+    rope_scaling: tuple[tuple[str, float | int], ...] = ()
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
 
@@ -79,13 +89,36 @@ class ModelConfig:
         act = hf.get("hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"{source}: hidden_act {act!r} is not supported (only 'silu')")
-        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-        rope_theta = float(hf.get("rope_theta", rope.pop("rope_theta", 10000.0)))
-        rope.pop("rope_theta", None)
+        # As transformers reads it: `rope_scaling` before `rope_parameters`, the dict's own
+        # `rope_theta` before the top-level one.
+        rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+        rope_theta = float(rope.pop("rope_theta", None) or hf.get("rope_theta", 10000.0))
         rope_type = rope.pop("rope_type", rope.pop("type", "default"))
-        scaling = tuple(
-            sorted((k, float(v)) for k, v in rope.items() if isinstance(v, int | float))
-        )
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(
+                f"{source}: unsupported rope type {rope_type!r}; supported: "
+                f"{', '.join(SUPPORTED_ROPE_TYPES)}"
+            )
+        partial = rope.pop("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+        if partial != 1.0:
+            raise ValueError(f"{source}: partial_rotary_factor={partial} is not supported (only 1)")
+        if rope_type == "llama3":
+            rope["original_max_position_embeddings"] = hf.get(
+                "original_max_position_embeddings",
+                rope.get("original_max_position_embeddings", hf.get("max_position_embeddings")),
+            )
+        needed = ROPE_PARAMETERS.get(rope_type, ())
+        missing = [name for name in needed if not isinstance(rope.get(name), int | float)]
+        if missing:
+            raise ValueError(f"{source}: {rope_type} RoPE needs {', '.join(missing)}")
+        scaling = tuple(sorted((name, rope[name]) for name in needed))
+        # Qwen2 always has q/k/v biases; Llama's `attention_bias` also puts one on o_proj.
+        attention_bias = model_type == "qwen2" or bool(hf.get("attention_bias", False))
+        if model_type == "llama" and attention_bias:
+            raise ValueError(
+                f"{source}: attention_bias=true (Llama with biases on q/k/v/o_proj) is not "
+                "supported"
+            )
         heads = hf["num_attention_heads"]
         hidden = hf["hidden_size"]
         eos = hf.get("eos_token_id")
@@ -101,7 +134,7 @@ class ModelConfig:
             rope_theta=rope_theta,
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            attention_bias=bool(hf.get("attention_bias", model_type == "qwen2")),
+            attention_bias=attention_bias,
             max_position_embeddings=hf.get("max_position_embeddings", 32768),
             rope_type=rope_type,
             rope_scaling=scaling,

@@ -5,6 +5,7 @@ checkpoint, checked against the expected shape and cast to the requested dtype.
 """
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,7 @@ class _Reader:
     """Finds each tensor name in a (possibly sharded) safetensors checkpoint."""
 
     def __init__(self, directory: Path):
+        self.used: set[str] = set()
         index = directory / "model.safetensors.index.json"
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -93,6 +95,7 @@ class _Reader:
             files = sorted({str(p) for p in self.files.values()})
             raise CheckpointError(f"tensor {name!r} is missing from {', '.join(files)}")
         file = self.files[name]
+        self.used.add(name)
         with safe_open(file, framework="flax") as f:
             array = f.get_tensor(name)
         if tuple(array.shape) != tuple(shape):
@@ -143,7 +146,7 @@ def load_hf(path: "str | Path", *, dtype=jnp.float32, compute_dtype=None) -> Dec
     head = None
     if not config.tie_word_embeddings:
         head = reader.read(TOP_TENSORS["lm_head"], vocab_hidden, dtype)
-    return Decoder(
+    model = Decoder(
         embed=reader.read(TOP_TENSORS["embed"], vocab_hidden, dtype),
         layers=layers,
         final_norm=reader.read(TOP_TENSORS["final_norm"], (config.hidden_size,), dtype),
@@ -151,6 +154,21 @@ def load_hf(path: "str | Path", *, dtype=jnp.float32, compute_dtype=None) -> Dec
         config=config,
         compute_dtype=jnp.dtype(compute_dtype or dtype).name,
     )
+    # Weights left unread would silently change what the model computes. Rotary buffers are
+    # recomputed, and a tied model's saved head copy is not used (as in transformers).
+    unused = sorted(
+        name
+        for name in set(reader.files) - reader.used
+        if not name.endswith("rotary_emb.inv_freq")
+        and not (config.tie_word_embeddings and name == TOP_TENSORS["lm_head"])
+    )
+    if unused:
+        more = f" and {len(unused) - 3} more" if len(unused) > 3 else ""
+        raise CheckpointError(
+            f"{directory}: tensors a {config.model_type} model of this config.json does not "
+            f"have: {', '.join(unused[:3])}{more}"
+        )
+    return model
 
 
 def hf_state_dict(model: Decoder) -> dict[str, np.ndarray]:
@@ -182,7 +200,9 @@ def hf_state_dict(model: Decoder) -> dict[str, np.ndarray]:
 def save_hf(model: Decoder, path: "str | Path", *, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
     """Writes `config.json` and safetensors that `transformers.AutoModelForCausalLM` loads.
 
-    Checkpoints over `max_shard_bytes` are sharded with a `model.safetensors.index.json`.
+    Checkpoints over `max_shard_bytes` are sharded with a `model.safetensors.index.json`. Each
+    file is written beside its final name and renamed into place; weight files of an earlier save
+    into the same directory are removed.
 
     **Arguments:**
 
@@ -199,7 +219,8 @@ def save_hf(model: Decoder, path: "str | Path", *, max_shard_bytes: int = MAX_SH
     tensors = hf_state_dict(model)
     hf_config = model.config.to_hf()
     hf_config["torch_dtype"] = str(next(iter(tensors.values())).dtype)
-    (directory / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    config_text = json.dumps(hf_config, indent=2) + "\n"
+    _write_replacing(directory / "config.json", lambda tmp: tmp.write_text(config_text))
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     for name, array in tensors.items():
@@ -208,15 +229,41 @@ def save_hf(model: Decoder, path: "str | Path", *, max_shard_bytes: int = MAX_SH
             size = 0
         shards[-1][name] = array
         size += array.nbytes
-    metadata = {"format": "pt"}
     if len(shards) == 1:
-        save_file(shards[0], str(directory / "model.safetensors"), metadata=metadata)
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(directory / file), metadata=metadata)
-        weight_map.update({name: file for name in shard})
-    index = {"metadata": {"total_size": sum(a.nbytes for a in tensors.values())}}
-    index["weight_map"] = weight_map
-    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        files = {"model.safetensors": shards[0]}
+    else:
+        files = {
+            f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors": shard
+            for i, shard in enumerate(shards)
+        }
+    for file, shard in files.items():
+        _write_replacing(directory / file, lambda tmp, shard=shard: _save_shard(shard, tmp))
+    index_path = directory / "model.safetensors.index.json"
+    if len(files) > 1:
+        index = {
+            "metadata": {"total_size": sum(a.nbytes for a in tensors.values())},
+            "weight_map": {name: file for file, shard in files.items() for name in shard},
+        }
+        text = json.dumps(index, indent=2) + "\n"
+        _write_replacing(index_path, lambda tmp: tmp.write_text(text))
+    else:
+        index_path.unlink(missing_ok=True)
+    # Weights of an earlier save into this directory would be read instead of (or with) these.
+    for stale in directory.glob("model*.safetensors"):
+        if stale.name not in files:
+            stale.unlink()
+
+
+def _save_shard(shard: dict[str, np.ndarray], path: Path) -> None:
+    save_file(shard, str(path), metadata={"format": "pt"})
+
+
+def _write_replacing(path: Path, write) -> None:
+    """`write(tmp)` to a temporary file beside `path`, then renames it over `path`: a reader
+    never sees a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
