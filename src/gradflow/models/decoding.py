@@ -122,7 +122,7 @@ class DecodingModel(eqx.Module):
     embed: Float[Array, "vocab hidden"]
     layers: tuple[DecodingLayer, ...]
     final_norm: Float[Array, " hidden"]
-    head: Float[Array, "hidden vocab"]
+    head: Float[Array, "vocab hidden"]
     config: ModelConfig = eqx.field(static=True)
     attention: str = eqx.field(static=True)
 
@@ -132,7 +132,7 @@ class DecodingModel(eqx.Module):
 
     @staticmethod
     def from_decoder(model: Decoder, attention: str = "auto") -> "DecodingModel":
-        """Unstacks and concatenates the layers, casts to `model.compute_dtype`, transposes the head.
+        """Unstacks and concatenates the layers and casts them to `model.compute_dtype`.
 
         **Arguments:**
 
@@ -158,7 +158,7 @@ class DecodingModel(eqx.Module):
             embed=model.embed.astype(dtype),
             layers=layers,
             final_norm=model.final_norm.astype(dtype),
-            head=model.head_weight.astype(dtype).T,
+            head=model.head_weight.astype(dtype),
             config=model.config,
             attention=attention,
         )
@@ -190,7 +190,9 @@ class DecodingModel(eqx.Module):
 
         Logits over the vocabulary.
         """
-        return jnp.dot(hidden, self.head, preferred_element_type=jnp.float32)
+        return jax.lax.dot_general(
+            hidden, self.head, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+        )
 
     def decode(
         self,
