@@ -141,7 +141,9 @@ def test_empty_dataset(capsys, config, tmp_path):
     data.write_text("\n")
     _, *overrides = _gsm8k(config, data)
     assert f"no problems in {data}" in _fails(capsys, config, *overrides)
-    assert "the train split has no problems" in _fails(capsys, config, "task.train_size=0")
+    assert "task.train_size: must be >= 1, got 0" in _fails(capsys, config, "task.train_size=0")
+    assert "eval.batch_size: must be >= 1, got 0" in _fails(capsys, config, "eval.batch_size=0")
+    assert "train.steps: must be >= 1, got -1" in _fails(capsys, config, "train.steps=-1")
 
 
 # Rewards that fail (in this process).
@@ -241,7 +243,7 @@ def _result(child) -> tuple[int, str]:
     return child.returncode, out
 
 
-def test_ctrl_c_saves_a_checkpoint_and_exits_130(root, training_failures):
+def test_ctrl_c_saves_a_checkpoint_and_exits_130(capsys, root, training_failures):
     run_dir = root / "interrupted"
     overrides = ["train.steps=100000", "checkpoint.every=0"]
     config = tiny_config(root, run_dir, "interrupted")
@@ -263,6 +265,21 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(root, training_failures):
     assert f"interrupted: checkpoint of step {step} saved" in out
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert step >= 1 and records[-1]["step"] == step  # nothing logged was lost
+    # That run is neither overwritten by a fresh run nor resumed under another config.
+    refused = _fails(capsys, config, *overrides)
+    assert f"{run_dir} already holds a run: pass run.resume=true" in refused
+    changed = _fails(capsys, config, *overrides, "run.resume=true", "run.seed=7")
+    assert "was started with a different config (run.seed 0 -> 7)" in changed
+    assert list_checkpoints(run_dir / "checkpoints") == [saved]
+    assert [json.loads(line) for line in metrics.read_text().splitlines()] == records
+
+
+def test_output_dir_that_is_a_file(capsys, config, tmp_path):
+    file = tmp_path / "a_file"
+    file.write_text("")
+    assert "is a file: pass a directory" in _fails(capsys, config, f"run.output_dir={file}")
+    missing = _fails(capsys, config, "run.resume=true", 'run.output_dir=""')
+    assert "run.resume = true needs run.output_dir" in missing
 
 
 def test_nonfinite_loss_skips_the_update_with_skip(training_failures):

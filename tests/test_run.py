@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+import wandb
 from google.protobuf.message import DecodeError
 from safetensors.numpy import load_file
 from wandb.proto import wandb_internal_pb2
@@ -35,6 +36,7 @@ from gradflow.checkpoint import STATE_FILE, list_checkpoints, read_manifest
 from gradflow.config import build_config, load_config
 from gradflow.data.gsm8k import load_gsm8k
 from gradflow.models import load_hf
+from gradflow.run_log import RunLogger
 from gradflow.sharding import shard_prompts, shard_state
 from gradflow.stages import RLOO
 from gradflow.state import init_state
@@ -239,6 +241,22 @@ def test_wandb_offline_run_holds_the_config_and_the_metric_history(runs):
             if key != "step":
                 assert history[logged["step"]][key] == pytest.approx(value, rel=1e-12)
     assert "reward/mean" in history[1] and "reward/mean" in history[2]
+
+
+def test_wandb_online_without_a_reachable_server_logs_offline(capsys, monkeypatch, tmp_path):
+    """`online` with an API key but no W&B server to reach: a one-line notice, then an offline
+    run (a real `wandb.init` against a closed local port, not a mock)."""
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "a" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "2")
+    wandb.teardown()  # W&B reads its settings from the environment when its service starts
+    config = load_config(CONFIGS / "grpo.toml", ['logging.wandb="online"'])
+    log = RunLogger(tmp_path, config, resumed_step=None)
+    log.log(1, {"reward/mean": 0.5})
+    log.finish()
+    assert "W&B: cannot reach the server" in capsys.readouterr().out
+    assert len(list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))) == 1
 
 
 def test_print_config_prints_the_resolved_toml_and_writes_nothing(capsys, monkeypatch, tmp_path):

@@ -138,6 +138,22 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "task.reward_mode": ("strict", "flexible"),
     "logging.wandb": ("online", "offline", "disabled"),
 }
+# The smallest value each numeric key accepts.
+MINIMUMS: dict[str, float] = {
+    "task.train_size": 1,
+    "task.test_size": 1,
+    "task.max_prompt_tokens": 0,
+    "train.steps": 1,
+    "train.prompts_per_step": 1,
+    "eval.every": 0,
+    "eval.size": 1,
+    "eval.batch_size": 1,
+    "eval.samples": 1,
+    "eval.temperature": 0.0,
+    "checkpoint.every": 0,
+    "checkpoint.keep": 1,
+    "logging.samples_every": 0,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,6 +242,8 @@ def _check_value(where: str, value: Any, expected: Any) -> Any:
         )
     if isinstance(value, int) and not isinstance(value, bool) and expected is float:
         value = float(value)
+    if where in MINIMUMS and value < MINIMUMS[where]:
+        raise ConfigError(f"{where}: must be >= {MINIMUMS[where]}, got {value!r}")
     if where in CHOICES and value not in CHOICES[where]:
         raise ConfigError(
             f"{where}: {value!r} is not one of {', '.join(repr(c) for c in CHOICES[where])}"

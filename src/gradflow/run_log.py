@@ -1,9 +1,10 @@
 """The run's logs: `metrics.jsonl`, `samples.jsonl`, W&B (online, offline or disabled).
 
 W&B mode: `WANDB_MODE` in the environment wins over `[logging] wandb`. `online` without an API
-key falls back to `offline` with a one-line notice saying how to `wandb sync` later. On resume,
-records after the restored step are dropped so the files read as one uninterrupted run. With
-several processes only process 0 writes (the others keep the history in memory).
+key, or with a server it cannot reach, falls back to `offline` with a one-line notice saying how
+to `wandb sync` later. On resume, records after the restored step are dropped so the files read
+as one uninterrupted run. With several processes only process 0 writes (the others keep the
+history in memory).
 """
 
 import json
@@ -37,7 +38,9 @@ def _truncate(path: Path, last_step: int) -> list[dict]:
             continue  # a line cut short by a crash
         if record.get("step", 0) <= last_step:
             kept.append(record)
-    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    os.replace(tmp, path)  # a crash while rewriting keeps the old file whole
     return kept
 
 
@@ -90,16 +93,29 @@ class RunLogger:
         if mode != "disabled":
             import wandb
 
-            self.run = wandb.init(
-                project=config.logging.project,
-                name=config.logging.name or run_dir.name,
-                tags=list(config.logging.tags),
-                dir=str(run_dir),
-                mode=mode,
-                config=config.to_dict(),
-                id=self._run_id(run_dir),
-                resume="allow",
-            )
+            def start(mode: str):
+                return wandb.init(
+                    project=config.logging.project,
+                    name=config.logging.name or run_dir.name,
+                    tags=list(config.logging.tags),
+                    dir=str(run_dir),
+                    mode=mode,
+                    config=config.to_dict(),
+                    id=self._run_id(run_dir),
+                    resume="allow",
+                )
+
+            try:
+                self.run = start(mode)
+            except wandb.errors.Error as error:
+                if mode != "online":
+                    raise
+                print(
+                    f"W&B: cannot reach the server ({str(error).splitlines()[0][:120]}), logging "
+                    "offline; upload later with `wandb sync <run>/wandb/offline-run-*`"
+                )
+                wandb.teardown()  # the failed run holds its id in W&B's service process
+                self.run = start("offline")
 
     @staticmethod
     def _run_id(run_dir: Path) -> str:

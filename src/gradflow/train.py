@@ -35,7 +35,7 @@ from .checkpoint import (
     save_checkpoint,
     to_host,
 )
-from .config import Config, ConfigError
+from .config import Config, ConfigError, load_config
 from .evaluate import evaluate
 from .models import ModelConfig, init_from_config, load_hf, save_hf
 from .plots import plot_curves
@@ -139,8 +139,12 @@ def run_directory(config: Config, config_name: str) -> Path:
     """
     if config.run.output_dir:
         path = Path(config.run.output_dir)
+    elif config.run.resume:
+        raise ConfigError("run.resume = true needs run.output_dir: the run directory to continue")
     else:
         path = Path("runs") / f"{config_name}-{datetime.now():%Y%m%d-%H%M%S}"
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"run.output_dir {path} is a file: pass a directory")
     if jax.process_index() == 0:
         path.mkdir(parents=True, exist_ok=True)
     return path
@@ -158,6 +162,50 @@ def _same_on_every_process(value: int, what: str) -> None:
         )
 
 
+# What a resumed run may change: how long it trains, what it logs and evaluates, and its mesh.
+RESUMABLE_CHANGES = (
+    "run.resume",
+    "run.output_dir",
+    "train.steps",
+    "eval.",
+    "checkpoint.",
+    "logging.",
+    "mesh.",
+)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and not (prefix == "model." and key == "overrides"):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _check_same_run(config: Config, saved: Path) -> None:
+    """Raises unless `config` continues the run whose resolved config is `saved`: anything
+    that shapes the training trajectory (model, task, algorithm, seed, batch) must be unchanged."""
+    if not saved.is_file():
+        return
+    before = _flat(load_config(saved).to_dict())
+    now = _flat(config.to_dict())
+    changed = [
+        f"{key} {before.get(key)!r} -> {now.get(key)!r}"
+        for key in sorted(set(before) | set(now))
+        if before.get(key) != now.get(key) and not key.startswith(RESUMABLE_CHANGES)
+    ]
+    if changed:
+        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+        raise ConfigError(
+            f"run.resume: the run in {saved.parent} was started with a different config "
+            f"({', '.join(changed[:3])}{more}); resume it with the config it was started with "
+            "(only train.steps, [eval], [checkpoint], [logging] and [mesh] may change), or "
+            "start a new run.output_dir"
+        )
+
+
 class Trainer:
     """Holds what the loop needs; `run()` trains."""
 
@@ -167,9 +215,16 @@ class Trainer:
         self.main_process = jax.process_index() == 0
         self.checkpoints = run_dir / "checkpoints"
         latest = None
+        found = list_checkpoints(self.checkpoints)
+        if not config.run.resume and (found or (run_dir / "metrics.jsonl").exists()):
+            raise ConfigError(
+                f"{run_dir} already holds a run: pass run.resume=true to continue it, or "
+                "another run.output_dir"
+            )
         if config.run.resume:
-            found = list_checkpoints(self.checkpoints)
             latest = found[-1] if found else None
+            if latest is not None:
+                _check_same_run(config, run_dir / "config.toml")
             done = int(read_manifest(latest)["step"]) if latest else 0
             _same_on_every_process(done, "a latest checkpoint at step")
             if done >= config.train.steps:
@@ -216,6 +271,7 @@ class Trainer:
             self._print(f"resume: no checkpoint in {self.checkpoints}, starting from step 0")
         if self.main_process:
             (run_dir / "config.toml").write_text(config.to_toml())
+        self.resumed = resumed is not None
         self.log = RunLogger(run_dir, config, resumed_step=resumed, write=self.main_process)
         self.interrupted = False
 
@@ -342,7 +398,7 @@ class Trainer:
     def _run(self) -> dict[str, float]:
         config = self.config
         steps = config.train.steps
-        if self.start_step == 0:
+        if self.start_step == 0 and not self.resumed:  # a resumed run logged eval@0 already
             self.evaluate(0)
         bar = tqdm(
             range(self.start_step, steps),
@@ -384,8 +440,9 @@ class Trainer:
                 if config.checkpoint.every and done % config.checkpoint.every == 0 and done < steps:
                     self._checkpoint(done)
         final = self.evaluate(steps)  # after the last step a Ctrl-C lets the run finish
-        self._checkpoint(steps)
         policy = jax.tree.map(to_host, self.state.policy)  # gathered on every process
+        # The export comes before the last checkpoint: a crash between the two resumes from the
+        # checkpoint before and exports again, instead of finding a finished run without export.
         if self.main_process:
             export = self.run_dir / "hf"
             save_hf(policy, export)
@@ -394,6 +451,7 @@ class Trainer:
             source = resolve_path(config.model.path) if config.model.path else None
             if source is not None and (source / "generation_config.json").is_file():
                 shutil.copy(source / "generation_config.json", export)
+        self._checkpoint(steps)
         self.log.finish()
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("gradflow: run finished")
