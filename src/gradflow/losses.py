@@ -7,6 +7,9 @@ Loss aggregation (`agg`), with `L` the per-token loss and `m` the completion mas
 - `"seq-mean-token-sum"`: mean over sequences of each sequence's token sum.
 - `"seq-mean-token-sum-norm"`: `sum(L*m) / (batch * time)` (Dr.GRPO, constant normaliser).
 
+With top-k/top-p sampling `policy_loss` also takes per-token weights `π_old(y)/μ(y)` (the mass the
+filter kept), which multiply each token's loss before aggregation.
+
 Each mode is `aggregation_numerator / aggregation_denominator`; sequence means count only
 sequences with at least one valid token. Passing the whole minibatch's denominator to
 `aggregate` while feeding one micro-batch's values makes the sum over micro-batches equal the
