@@ -151,14 +151,15 @@ def run_directory(config: Config, config_name: str) -> Path:
 
 
 def _same_on_every_process(value: int, what: str) -> None:
-    """Raises unless every process holds the same `value` (e.g. the step a resume starts at)."""
+    """Raises on every process unless they all hold the same `value` (e.g. the step a resume
+    starts at)."""
     if jax.process_count() == 1:
         return
-    first = int(multihost_utils.broadcast_one_to_all(np.int64(value)))
-    if first != value:
+    values = np.asarray(multihost_utils.process_allgather(np.int64(value))).ravel()
+    if (values != values[0]).any():
         raise TrainingError(
-            f"process {jax.process_index()} found {what} {value}, process 0 found {first}: "
-            "run.output_dir must be on a file system every host sees"
+            f"process {jax.process_index()} found {what} {value}, process 0 found "
+            f"{int(values[0])}: run.output_dir must be on a file system every host sees"
         )
 
 
@@ -232,6 +233,8 @@ class Trainer:
                     f"{run_dir} already finished {done} of {config.train.steps} steps; "
                     "nothing to do"
                 )
+        if jax.process_count() > 1:  # every process checked the directory before any writes it
+            multihost_utils.sync_global_devices("gradflow: run directory checked")
         self.start_step = 0
         self.mesh = make_mesh(config.mesh)
         self._print(
