@@ -98,6 +98,18 @@ def test_a_dimension_that_does_not_divide_stays_unsplit():
     assert specs[".layers.gate_proj"] == P(None, "tensor", "fsdp")  # 32 rows do split
 
 
+def test_attention_weights_split_over_tensor_only_in_whole_heads():
+    """Two KV heads of 4 (8 rows) over tensor = 4 stay unsplit: 8 rows would divide, but each
+    device would hold half a head. The 4 query heads split."""
+    policy = eqx.filter_eval_shape(lambda: init_from_config(SHAPE, key=jax.random.key(0)))
+    specs = _specs(policy, _mesh(1, 2, 4))
+    assert specs[".layers.k_proj"] == P(None, None, "fsdp")
+    assert specs[".layers.v_bias"] == P()
+    assert specs[".layers.q_proj"] == P(None, "tensor", "fsdp")
+    assert specs[".layers.o_proj"] == P(None, "fsdp", "tensor")
+    assert specs[".layers.up_proj"] == P(None, "tensor", "fsdp")
+
+
 def test_batch_that_does_not_divide_over_data_and_fsdp_is_a_clear_error():
     mesh = _mesh(2, 2, 2)
     check_batch(2, 2, mesh)  # 4 sequences over data × fsdp = 4

@@ -1,7 +1,8 @@
 """Device mesh and partition rules: axes `data`, `fsdp`, `tensor` (`[mesh]`, -1 = the rest).
 
 The batch (prompts, completions, the update batch) is split over `data × fsdp`. Parameters are
-split FSDP-style over `fsdp` and Megatron-style over `tensor`:
+split FSDP-style over `fsdp` and Megatron-style over `tensor` (attention weights only in whole
+heads):
 
 | parameter | layout | spec |
 |---|---|---|
@@ -112,13 +113,26 @@ def check_batch(prompts_per_step: int, group_size: int, mesh: Mesh) -> None:
         )
 
 
-def _fit(spec: tuple[str | tuple[str, ...] | None, ...], shape, mesh: Mesh) -> PartitionSpec:
-    """`spec` with every axis that does not divide its dimension dropped."""
+# Leaf name → the trailing dimension (index into its rule) that holds whole attention heads: its
+# `tensor` split must not cut a head (RoPE rotates the two halves of each head together).
+HEAD_DIMENSIONS: dict[str, int] = {
+    **dict.fromkeys(("q_proj", "k_proj", "v_proj", "q_bias", "k_bias", "v_bias"), 0),
+    "o_proj": 1,
+}
+
+
+def _fit(
+    spec: tuple[str | tuple[str, ...] | None, ...], shape, mesh: Mesh, units=None
+) -> PartitionSpec:
+    """`spec` with every axis that does not divide its dimension (counted in `units`, e.g.
+    heads of `head_dim` entries) dropped."""
     fitted = []
-    for size, axis in zip(shape, spec, strict=True):
+    units = units or (1,) * len(shape)
+    for size, axis, unit in zip(shape, spec, units, strict=True):
         names = (axis,) if isinstance(axis, str) else axis or ()
         shards = int(np.prod([mesh.shape[a] for a in names]))
-        fitted.append(axis if axis is not None and size % shards == 0 else None)
+        whole = size % unit == 0 and (size // unit) % shards == 0
+        fitted.append(axis if axis is not None and whole else None)
     while fitted and fitted[-1] is None:
         fitted.pop()
     return PartitionSpec(*fitted)
@@ -133,7 +147,9 @@ def _leaf_name(path) -> str:
     return ""
 
 
-def param_spec(path, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+def param_spec(
+    path, shape: tuple[int, ...], mesh: Mesh, head_dim: int | None = None
+) -> PartitionSpec:
     """The partition spec of one state leaf, from its key path and shape.
 
     **Arguments:**
@@ -141,16 +157,33 @@ def param_spec(path, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
     - `path`: the leaf's key path (`jax.tree_util.tree_flatten_with_path`).
     - `shape`: its shape.
     - `mesh`: the mesh.
+    - `head_dim`: the model's head size: attention weights are split over `tensor` only in
+      whole heads (`None`: any split that divides).
 
     **Returns:**
 
     The `PartitionSpec` (replicated when no rule applies).
     """
-    rule = RULES.get(_leaf_name(path))
+    name = _leaf_name(path)
+    rule = RULES.get(name)
     if rule is None or len(shape) < len(rule):
         return PartitionSpec()
-    spec = (None,) * (len(shape) - len(rule)) + rule
-    return _fit(spec, shape, mesh)
+    lead = len(shape) - len(rule)
+    spec = (None,) * lead + rule
+    units = [1] * len(shape)
+    if head_dim is not None and name in HEAD_DIMENSIONS:
+        units[lead + HEAD_DIMENSIONS[name]] = head_dim
+    return _fit(spec, shape, mesh, units)
+
+
+def _head_dim(tree) -> int | None:
+    """The head size of the decoders in `tree` (policy, reference, critic backbone and the
+    optimizer moments shaped like them), or `None` when it holds none."""
+    from .models import Decoder
+
+    found = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, Decoder))
+    sizes = {x.config.head_dim for x in found if isinstance(x, Decoder)}
+    return sizes.pop() if len(sizes) == 1 else None
 
 
 def state_shardings(tree, mesh: Mesh):
@@ -165,8 +198,10 @@ def state_shardings(tree, mesh: Mesh):
 
     A pytree of `NamedSharding` with `tree`'s structure.
     """
+    head_dim = _head_dim(tree)
     return jax.tree_util.tree_map_with_path(
-        lambda path, leaf: NamedSharding(mesh, param_spec(path, jnp.shape(leaf), mesh)), tree
+        lambda path, leaf: NamedSharding(mesh, param_spec(path, jnp.shape(leaf), mesh, head_dim)),
+        tree,
     )
 
 
