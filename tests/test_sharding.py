@@ -5,12 +5,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import gradflow.evaluate
 from gradflow import algorithms
 from gradflow.batch import Prompts
 from gradflow.config import ConfigError, MeshConfig
+from gradflow.data import Problem
 from gradflow.models import ModelConfig, init_from_config
+from gradflow.rollout import generate
 from gradflow.sharding import (
     check_batch,
     make_mesh,
@@ -21,6 +25,7 @@ from gradflow.sharding import (
 from gradflow.stages import HostReward
 from gradflow.state import init_state
 from gradflow.step import step
+from gradflow.tasks import build_tokenizer
 
 SHAPE = ModelConfig(
     model_type="qwen2",
@@ -165,3 +170,46 @@ def test_sharded_step_matches_one_device():
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=0)
         moved = max(moved, float(np.max(np.abs(np.asarray(a) - np.asarray(c)))))
     assert moved > 1e-3  # the update did something
+
+
+def test_evaluation_splits_its_rows_over_the_mesh(monkeypatch):
+    """Held-out generation on a mesh gets its prompt rows split over data × fsdp (each device
+    decodes its share, not the whole batch) and grades exactly as on one device."""
+    tokenizer = build_tokenizer()
+    shape = SHAPE.replace(vocab_size=len(tokenizer))
+    policy = init_from_config(shape, key=jax.random.key(3))
+    rng = np.random.default_rng(1)
+    ids = rng.integers(2, len(tokenizer), (8, 5)).astype(np.int32)
+    mask = np.ones_like(ids, bool)
+    mask[0, :2] = False
+    problems = [Problem(question=f"q{i}", answer=f"#### {i}") for i in range(8)]
+    seen = []
+
+    def spy(model, prompt_ids, *args, **kwargs):
+        seen.append(prompt_ids.sharding)
+        return generate(model, prompt_ids, *args, **kwargs)
+
+    monkeypatch.setattr(gradflow.evaluate, "generate", spy)
+
+    def run(mesh):
+        placed = policy if mesh is None else shard_state(policy, mesh)
+        return gradflow.evaluate.evaluate(
+            placed,
+            tokenizer,
+            problems,
+            ids,
+            mask,
+            key=jax.random.key(4),
+            max_new_tokens=4,
+            eos_token_ids=(1,),
+            pad_token_id=0,
+            batch_size=8,
+            samples=2,
+            mesh=mesh,
+        )
+
+    alone = run(None)
+    mesh = _mesh(4, 2, 1)
+    split = run(mesh)
+    assert split[1] == alone[1] and split[0] == alone[0]
+    assert seen[-1].is_equivalent_to(NamedSharding(mesh, P(("data", "fsdp"))), 2)

@@ -8,16 +8,26 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
 from jaxtyping import PRNGKeyArray
 
+from .checkpoint import to_host
 from .data import Problem
 from .models import Decoder
 from .rewards.gsm8k import extract_answer, is_correct
 from .rollout import generate
+from .sharding import put, rows_spec
 
 
-def _complete(policy, ids, mask, key, *, batch_size, max_new_tokens, temperature, eos, pad):
-    """Completions for every prompt row, in fixed-size batches (one compilation)."""
+def _complete(policy, ids, mask, key, *, batch_size, max_new_tokens, temperature, eos, pad, mesh):
+    """Completions for every prompt row, in fixed-size batches (one compilation), each batch's
+    rows split over the mesh's `data × fsdp` devices when it has one."""
+
+    def place(x: np.ndarray) -> jax.Array:
+        if mesh is None:
+            return jnp.asarray(x)
+        return put(x, NamedSharding(mesh, rows_spec(x.shape, mesh)))
+
     texts_tokens = []
     rows = ids.shape[0]
     for start in range(0, rows, batch_size):
@@ -30,15 +40,15 @@ def _complete(policy, ids, mask, key, *, batch_size, max_new_tokens, temperature
         key, sub = jax.random.split(key)
         out = generate(
             policy,
-            jnp.asarray(chunk_ids),
-            jnp.asarray(chunk_mask),
+            place(chunk_ids),
+            place(chunk_mask),
             key=sub,
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             eos_token_ids=eos,
             pad_token_id=pad,
         )
-        tokens, keep = np.asarray(out.tokens), np.asarray(out.mask)
+        tokens, keep = to_host(out.tokens), to_host(out.mask)
         texts_tokens.extend(tokens[i][keep[i]] for i in range(batch_size - short))
     return texts_tokens
 
@@ -57,6 +67,7 @@ def evaluate(
     batch_size: int = 256,
     samples: int = 1,
     temperature: float = 1.0,
+    mesh: Mesh | None = None,
 ) -> tuple[dict[str, float], list[dict]]:
     """Evaluates `policy` on held-out problems.
 
@@ -72,6 +83,8 @@ def evaluate(
     - `batch_size`: prompts per generation call.
     - `samples`: k for pass@k / maj@k (1: greedy only).
     - `temperature`: sampling temperature for k > 1.
+    - `mesh`: the training mesh (each generation batch's rows are split over `data × fsdp`), or
+      `None`.
 
     **Returns:**
 
@@ -79,7 +92,11 @@ def evaluate(
     `eval/pass@k`, `eval/maj@k`, and one record per problem (question, completion, correct).
     """
     common = dict(
-        batch_size=batch_size, max_new_tokens=max_new_tokens, eos=eos_token_ids, pad=pad_token_id
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        eos=eos_token_ids,
+        pad=pad_token_id,
+        mesh=mesh,
     )
     greedy = _complete(policy, prompt_ids, prompt_mask, key, temperature=0.0, **common)
     records, strict, flexible = [], [], []

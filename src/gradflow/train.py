@@ -321,6 +321,7 @@ class Trainer:
             batch_size=min(ec.batch_size, size),
             samples=ec.samples,
             temperature=ec.temperature,
+            mesh=self.mesh,
         )
         self.log.log(step, {**metrics, "time/eval_s": time.perf_counter() - start})
         if self.main_process:
