@@ -5,7 +5,8 @@
 #
 #   bash benchmarks/gpu.sh            # from the repository root; OUT=dir also keeps the tables
 #                                     # (.md, .json) there, and a profiler trace + HLO in OUT/trace
-#   PARTS=step bash benchmarks/gpu.sh # only the whole-step benchmark (PARTS=rollout: only rollout)
+#   PARTS=step bash benchmarks/gpu.sh # only the whole-step benchmark (PARTS=rollout: only rollout;
+#                                     # PARTS=flags: only gradflow's rollout under XLA flag variants)
 #
 # Prints the tables and gradflow's fraction of the 155,000 tokens/s roofline. The benchmark imports
 # only gradflow.models and gradflow.rollout (jax, equinox, jaxtyping, safetensors, numpy) plus
@@ -16,7 +17,7 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false # share the GPU with torch
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 PYTHON="${PYTHON:-python}"
-PARTS="${PARTS:-rollout step}" # which benchmarks to run
+PARTS="${PARTS:-rollout step flags}" # which benchmarks to run
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 "$PYTHON" -c 'import jax, torch; print("jax", jax.__version__, jax.devices(), "| torch", torch.__version__, torch.cuda.is_available())'
@@ -28,8 +29,10 @@ else
   args=(--config src/gradflow/assets/qwen2/qwen2-1.5b-instruct.config.json
     --batch 256 --prompt-len 128 --new-tokens 256 --roofline 155000)
 fi
+args+=(--dtype bfloat16 --repeats 3 --threads 0)
+plain_args=("${args[@]}")
 # --parts: also prefill, one decode step and one sampling step alone, with achieved bandwidth.
-args+=(--dtype bfloat16 --repeats 3 --threads 0 --parts)
+args+=(--parts)
 if [[ " $PARTS " == *" rollout "* ]]; then
   if [[ -n "${OUT:-}" ]]; then
     mkdir -p "$OUT"
@@ -60,4 +63,20 @@ if [[ " $PARTS " == *" step "* ]]; then
   else
     "$PYTHON" benchmarks/step.py "${step_args[@]}"
   fi
+fi
+
+# gradflow's rollout alone under XLA GPU flag variants (each in a fresh process: XLA reads its
+# flags once): cuBLAS instead of Triton for every matmul (the q/k/v projection ran as a Triton
+# split-K gemm), no CUDA command buffers, cuBLASLt. One table row per variant.
+if [[ " $PARTS " == *" flags "* ]]; then
+  echo
+  echo "| XLA_FLAGS | compile s | median s | tokens/s |"
+  echo "|---|---|---|---|"
+  for flags in "" "--xla_gpu_enable_triton_gemm=false" "--xla_gpu_enable_command_buffer=" \
+    "--xla_gpu_enable_cublaslt=true"; do
+    row=$(XLA_FLAGS="$flags" "$PYTHON" benchmarks/rollout.py "${plain_args[@]}" --skip-hf \
+      2>/dev/null | grep '^| gradflow ' || echo '| gradflow | - | failed | | | | |')
+    IFS='|' read -r _ _ _ compile median _ tokens _ <<<"$row"
+    echo "| \`${flags:-(none)}\` | ${compile// /} | ${median// /} | ${tokens// /} |"
+  done
 fi
