@@ -25,6 +25,7 @@ from safetensors.numpy import load_file
 
 from gradflow.batch import Prompts
 from gradflow.checkpoint import CheckpointWriteError, list_checkpoints, save_checkpoint
+from gradflow.config import load_config
 from gradflow.data import Problem
 from gradflow.models import ModelConfig, init_from_config, save_hf
 from gradflow.rewards.text import text_scorer
@@ -32,6 +33,7 @@ from gradflow.rollout import Completions
 from gradflow.stages import HostReward
 from gradflow.task import resolve_path
 from gradflow.tasks import build_tokenizer
+from gradflow.train import Trainer
 
 sys.path.insert(0, str(ROOT / "pipelines"))
 from run import main  # noqa: E402
@@ -316,3 +318,16 @@ def test_full_disk_when_checkpointing_keeps_the_previous_checkpoint(training_fai
     assert not list(checkpoints.glob(".tmp-*"))
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").open()]
     assert steps == [0, 1, 2]  # the records written before the failure are kept
+
+
+def test_micro_batches_that_do_not_split_over_the_mesh_are_noted(capsys, config, tmp_path):
+    """8 sequences in 4 micro-batches of 2 over data = 8 devices: each micro-batch is computed
+    whole on every device, which a one-line note says at start-up (the run itself is valid)."""
+    for name in ("r", "s"):
+        (tmp_path / name).mkdir()
+    overrides = ["mesh.data=8", "algorithm.micro_batches=4", f"run.output_dir={tmp_path / 'r'}"]
+    Trainer(load_config(config, overrides), tmp_path / "r")
+    out = capsys.readouterr().out
+    assert "note: micro-batches of 2 sequences do not split over mesh.data × mesh.fsdp = 8" in out
+    Trainer(load_config(config, [f"run.output_dir={tmp_path / 's'}"]), tmp_path / "s")
+    assert "note: micro-batches" not in capsys.readouterr().out

@@ -40,7 +40,7 @@ from .evaluate import evaluate
 from .models import ModelConfig, init_from_config, load_hf, save_hf
 from .plots import plot_curves
 from .run_log import RunLogger
-from .sharding import check_batch, make_mesh, shard_prompts, shard_state
+from .sharding import batch_size_divisor, check_batch, make_mesh, shard_prompts, shard_state
 from .state import TrainState, init_state
 from .step import step as rl_step
 from .task import Task, build_task, model_directory, resolve_path
@@ -260,6 +260,14 @@ class Trainer:
                 f"train.prompts_per_step × algorithm.group_size = {rows} sequences do not divide "
                 f"into algorithm.minibatches × algorithm.micro_batches = {loss.minibatches} × "
                 f"{loss.micro_batches}"
+            )
+        per_micro_batch = rows // (loss.minibatches * loss.micro_batches)
+        shards = batch_size_divisor(self.mesh)
+        if per_micro_batch % shards:
+            self._print(
+                f"note: micro-batches of {per_micro_batch} sequences do not split over "
+                f"mesh.data × mesh.fsdp = {shards} devices, so every device computes each of them "
+                "whole; fewer algorithm.minibatches × algorithm.micro_batches avoid that"
             )
         policy = shard_state(policy, self.mesh)
         self.state: TrainState = shard_state(
