@@ -141,6 +141,10 @@ def run_directory(config: Config, config_name: str) -> Path:
         path = Path(config.run.output_dir)
     elif config.run.resume:
         raise ConfigError("run.resume = true needs run.output_dir: the run directory to continue")
+    elif jax.process_count() > 1:  # each process would stamp its own time
+        raise ConfigError(
+            "a multi-process run needs run.output_dir (on a file system every host sees)"
+        )
     else:
         path = Path("runs") / f"{config_name}-{datetime.now():%Y%m%d-%H%M%S}"
     if path.exists() and not path.is_dir():
