@@ -320,9 +320,12 @@ def test_full_disk_when_checkpointing_keeps_the_previous_checkpoint(training_fai
     assert steps == [0, 1, 2]  # the records written before the failure are kept
 
 
-def test_micro_batches_that_do_not_split_over_the_mesh_are_noted(capsys, config, tmp_path):
+def test_micro_batches_that_do_not_split_over_the_mesh_are_noted(
+    capsys, monkeypatch, config, tmp_path
+):
     """8 sequences in 4 micro-batches of 2 over data = 8 devices: each micro-batch is computed
     whole on every device, which a one-line note says at start-up (the run itself is valid)."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")  # these runs are never finished
     for name in ("r", "s"):
         (tmp_path / name).mkdir()
     overrides = ["mesh.data=8", "algorithm.micro_batches=4", f"run.output_dir={tmp_path / 'r'}"]

@@ -13,7 +13,10 @@ Determinism across runs with the same seed is covered by `test_resume.py`.
 import importlib.util
 import json
 import math
+import os
 import struct
+import subprocess
+import sys
 import time
 import tomllib
 from pathlib import Path
@@ -25,7 +28,6 @@ import numpy as np
 import pytest
 import torch
 import transformers
-import wandb
 from google.protobuf.message import DecodeError
 from safetensors.numpy import load_file
 from wandb.proto import wandb_internal_pb2
@@ -36,7 +38,6 @@ from gradflow.checkpoint import STATE_FILE, list_checkpoints, read_manifest
 from gradflow.config import build_config, load_config
 from gradflow.data.gsm8k import load_gsm8k
 from gradflow.models import load_hf
-from gradflow.run_log import RunLogger
 from gradflow.sharding import shard_prompts, shard_state
 from gradflow.stages import RLOO
 from gradflow.state import init_state
@@ -243,19 +244,30 @@ def test_wandb_offline_run_holds_the_config_and_the_metric_history(runs):
     assert "reward/mean" in history[1] and "reward/mean" in history[2]
 
 
-def test_wandb_online_without_a_reachable_server_logs_offline(capsys, monkeypatch, tmp_path):
+def test_wandb_online_without_a_reachable_server_logs_offline(tmp_path):
     """`online` with an API key but no W&B server to reach: a one-line notice, then an offline
-    run (a real `wandb.init` against a closed local port, not a mock)."""
-    monkeypatch.delenv("WANDB_MODE", raising=False)
-    monkeypatch.setenv("WANDB_API_KEY", "a" * 40)
-    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
-    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "2")
-    wandb.teardown()  # W&B reads its settings from the environment when its service starts
-    config = load_config(CONFIGS / "grpo.toml", ['logging.wandb="online"'])
-    log = RunLogger(tmp_path, config, resumed_step=None)
-    log.log(1, {"reward/mean": 0.5})
-    log.finish()
-    assert "W&B: cannot reach the server" in capsys.readouterr().out
+    run (a real `wandb.init` against a closed local port, in a fresh process so that W&B's
+    service and settings are its own)."""
+    script = (
+        "import sys; from pathlib import Path\n"
+        "from gradflow.config import load_config\n"
+        "from gradflow.run_log import RunLogger\n"
+        "config = load_config(sys.argv[1], ['logging.wandb=\"online\"'])\n"
+        "log = RunLogger(Path(sys.argv[2]), config, resumed_step=None)\n"
+        "log.log(1, {'reward/mean': 0.5})\n"
+        "log.finish()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(WANDB_API_KEY="a" * 40, WANDB_BASE_URL="http://127.0.0.1:9", WANDB_INIT_TIMEOUT="2")
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(CONFIGS / "grpo.toml"), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "W&B: cannot reach the server" in done.stdout
     assert len(list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))) == 1
 
 
