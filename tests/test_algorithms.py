@@ -849,3 +849,28 @@ def test_nonfinite_gradient_skips_the_update():
     assert metrics["update/skipped"] == 1
     np.testing.assert_array_equal(flat(state.policy), flat(poisoned))  # NaN == NaN here
     assert int(state.step) == 1
+
+
+def test_logged_learning_rate_follows_the_optimizer_past_skipped_updates():
+    """With a 4-update warm-up from 0, two skipped updates leave AdamW's count at 0: the second
+    step's first update still uses (and logs) rate 0, not the 0.25 its step number suggests."""
+    poisoned = eqx.tree_at(lambda m: m.final_norm, MODEL, MODEL.final_norm.at[0].set(jnp.nan))
+    algorithm = make(
+        "reinforce",
+        reward=REWARD,
+        eos_token_ids=(EOS,),
+        group_size=G,
+        max_new_tokens=T,
+        learning_rate=1.0,
+        warmup_steps=4,
+    )
+    algorithm = eqx.tree_at(
+        lambda a: a.rollout, algorithm, FixedRollout(COMPLETIONS, algorithm.rollout)
+    )
+    state = init_state(algorithm, jax.tree.map(jnp.copy, poisoned), key=jax.random.key(9))
+    rates = []
+    for _ in range(2):
+        state, metrics = step(algorithm, state, PROMPTS, STEP_KEY)
+        assert metrics["update/skipped"] == 1
+        rates.append(float(metrics["learning_rate"]))
+    assert rates == [0.0, 0.0]

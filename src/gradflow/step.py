@@ -242,8 +242,15 @@ def _update(
             metrics["update/skipped"] = jnp.sum(values)
         else:
             metrics[name] = jnp.sum(values) / tokens
+    # The rate of this step's first update, from the optimizer's own count (which skipped,
+    # non-finite updates do not advance).
     schedule = algorithm.optimizer.learning_rate_schedule()
-    metrics["learning_rate"] = jnp.asarray(schedule(state.step * updates_done), jnp.float32)
+    is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)  # noqa: E731
+    counts = [
+        s.count for s in jax.tree.leaves(state.policy_opt, is_leaf=is_schedule) if is_schedule(s)
+    ]
+    count = counts[0] if counts else state.step * updates_done
+    metrics["learning_rate"] = jnp.asarray(schedule(count), jnp.float32)
     new_state = eqx.tree_at(
         lambda s: (s.policy, s.policy_opt, s.critic, s.critic_opt, s.step),
         state,
