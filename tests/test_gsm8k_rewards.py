@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gradflow.data import load_gsm8k
+from gradflow.evaluate import majority_correct
 from gradflow.rewards import (
     extract_answer,
     format_ok,
@@ -271,3 +272,17 @@ def test_safe_score(caplog):
     assert safe_score(lambda: -math.inf) == (0.0, False)
     assert safe_score(lambda: "1.0") == (0.0, False)
     assert safe_score(lambda: None) == (0.0, False)
+
+
+@pytest.mark.parametrize(
+    ("texts", "expected"),
+    [
+        (["#### 1", "#### 3/4", "#### 0.75"], True),  # 3/4 and 0.75 are one value: 2 votes
+        (["#### 1", "#### 1", "#### 0.75"], False),
+        (["#### 0.75", "#### 1"], True),  # a tie goes to the answer seen first
+        (["#### 1", "#### 0.75"], False),
+        (["no answer", "nothing"], False),
+    ],
+)
+def test_majority_vote_counts_answers_by_value(texts, expected):
+    assert majority_correct(texts, "so it is\n#### 0.75") is expected

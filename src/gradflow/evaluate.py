@@ -14,7 +14,7 @@ from jaxtyping import PRNGKeyArray
 from .checkpoint import to_host
 from .data import Problem
 from .models import Decoder
-from .rewards.gsm8k import extract_answer, is_correct
+from .rewards.gsm8k import answer_value, extract_answer, is_correct, reference_answer
 from .rollout import generate
 from .sharding import put, rows_spec
 
@@ -51,6 +51,24 @@ def _complete(policy, ids, mask, key, *, batch_size, max_new_tokens, temperature
         tokens, keep = to_host(out.tokens), to_host(out.mask)
         texts_tokens.extend(tokens[i][keep[i]] for i in range(batch_size - short))
     return texts_tokens
+
+
+def majority_correct(texts: Sequence[str], reference: str) -> bool:
+    """Whether the majority answer of `texts` (strict extraction; votes counted by value, so
+    `3/4` and `0.75` vote together; a tie goes to the answer seen first) equals the reference.
+
+    **Arguments:**
+
+    - `texts`: the sampled completions of one problem.
+    - `reference`: its reference (`#### N` or a bare number).
+
+    **Returns:**
+
+    `True` when the most voted value is the reference's (`False` without any answer).
+    """
+    answers = [a for a in (extract_answer(t, mode="strict") for t in texts) if a]
+    votes = collections.Counter(answer_value(a) for a in answers).most_common(1)
+    return bool(votes) and votes[0][0] == answer_value(reference_answer(reference))
 
 
 def evaluate(
@@ -122,9 +140,7 @@ def evaluate(
                 for t in sampled[i * samples : (i + 1) * samples]
             ]
             passes.append(any(is_correct(t, problem.answer, mode="strict") for t in texts))
-            answers = [a for a in (extract_answer(t, mode="strict") for t in texts) if a]
-            vote = collections.Counter(answers).most_common(1)
-            majorities.append(bool(vote) and is_correct(f"#### {vote[0][0]}", problem.answer))
+            majorities.append(majority_correct(texts, problem.answer))
         metrics[f"eval/pass@{samples}"] = float(np.mean(passes))
         metrics[f"eval/maj@{samples}"] = float(np.mean(majorities))
     return metrics, records

@@ -189,8 +189,17 @@ def reference_answer(reference: str) -> str:
     return answer
 
 
-def _value(number: str) -> Fraction:
-    """Exact value of a normalised number (`"18.5"`, `"-3/4"`)."""
+def answer_value(number: str) -> Fraction:
+    """Exact value of a normalised number (`"18.5"`, `"-3/4"`).
+
+    **Arguments:**
+
+    - `number`: a number as `extract_answer` or `reference_answer` returns it.
+
+    **Returns:**
+
+    Its value as a `Fraction`.
+    """
     num, _, den = number.partition("/")
     value = Fraction(Decimal(num))
     return value / int(den) if den else value
@@ -213,7 +222,7 @@ def is_correct(completion: str, reference: str, *, mode: str = "flexible") -> bo
     """
     expected = reference_answer(reference)
     answer = extract_answer(completion, mode=mode)
-    return answer is not None and _value(answer) == _value(expected)
+    return answer is not None and answer_value(answer) == answer_value(expected)
 
 
 def format_ok(completion: str) -> bool:
