@@ -10,6 +10,7 @@ against step for every run).
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -25,8 +26,10 @@ ALGORITHMS = ("grpo", "ppo", "reinforce", "rloo", "reinforce_pp", "dapo")
 
 
 def run(algorithm: str, seed: int, out: Path, overrides: list[str]) -> dict:
-    """Trains one config in a fresh process and summarises its metrics."""
+    """Trains one config in a fresh process (into a fresh run directory) and summarises its
+    metrics."""
     run_dir = out / f"{algorithm}-seed{seed}"
+    shutil.rmtree(run_dir, ignore_errors=True)  # an earlier benchmark's run
     command = [
         sys.executable,
         str(ROOT / "pipelines" / "run.py"),
