@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=0, help="k for pass@k / maj@k")
     parser.add_argument("--size", type=int, default=0, help="problems to evaluate (0: eval.size)")
     parser.add_argument("--output", default="", help="completions JSONL (default: next to target)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides before or after options
 
     from gradflow.config import ConfigError, load_config
     from gradflow.data import DataError

@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="let JAX detect the cluster: TPU pod slice, SLURM, ... (GRADFLOW_DISTRIBUTED=1)",
     )
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides before or after options
     try:
         config = load_config(args.config, args.overrides)
         if args.print_config:

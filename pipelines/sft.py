@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("config", help="the SFT TOML config, e.g. configs/toy_sft.toml")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides before or after options
     command = shlex.join(["python", "pipelines/sft.py", args.config, *args.overrides])
     try:
         config = load_sft_config(args.config, args.overrides)

@@ -280,6 +280,9 @@ def test_print_config_prints_the_resolved_toml_and_writes_nothing(capsys, monkey
     expected = load_config(path, ["algorithm.kl_coef=0.01"])
     assert build_config(printed, source=str(path)) == expected
     assert list(tmp_path.iterdir()) == []
+    # Overrides may also come after an option.
+    assert _pipeline("run.py").main([str(path), "--print-config", "train.steps=3"]) == 0
+    assert tomllib.loads(capsys.readouterr().out)["train"]["steps"] == 3
 
 
 def test_algorithm_from_the_config_equals_the_one_built_in_python(monkeypatch, tmp_path):

@@ -123,6 +123,10 @@ def test_config_errors(capsys):
         build_sft_config({"run": {"output_dir": "x"}, "model": {"hidden_size": "96"}})
     with pytest.raises(ConfigError, match="output_dir"):
         build_sft_config({})
+    with pytest.raises(ConfigError, match=r"eval.direct_every: must be > 0, got 0"):
+        build_sft_config({"run": {"output_dir": "x"}, "eval": {"direct_every": 0}})
+    with pytest.raises(ConfigError, match=r"data.direct_fraction: must be in \[0, 1\]"):
+        build_sft_config({"run": {"output_dir": "x"}, "data": {"direct_fraction": 1.5}})
 
     spec = importlib.util.spec_from_file_location("sft_cli", ROOT / "pipelines" / "sft.py")
     cli = importlib.util.module_from_spec(spec)

@@ -191,9 +191,18 @@ def build_sft_config(raw: dict[str, Any], *, source: str = "") -> SFTConfig:
         ("train.log_every", config.train.log_every),
         ("eval.every", config.eval.every),
         ("eval.max_new_tokens", config.eval.max_new_tokens),
+        ("eval.direct_every", config.eval.direct_every),
         ("optimizer.learning_rate", config.optimizer.learning_rate),
     ):
         _positive(where, value)
+    for where, value in (
+        ("data.direct_fraction", config.data.direct_fraction),
+        ("eval.stop_below_accuracy", config.eval.stop_below_accuracy),
+    ):
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{where}: must be in [0, 1], got {value!r}")
+    if config.train.direct_steps < 0:
+        raise ConfigError(f"train.direct_steps: must be >= 0, got {config.train.direct_steps!r}")
     if config.train.batch_size > config.data.train_size:
         raise ConfigError(
             f"train.batch_size = {config.train.batch_size} is larger than data.train_size = "
