@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 from jaxtyping import PRNGKeyArray
 
 from .checkpoint import to_host
@@ -16,18 +16,12 @@ from .data import Problem
 from .models import Decoder
 from .rewards.gsm8k import answer_value, extract_answer, is_correct, reference_answer
 from .rollout import generate
-from .sharding import put, rows_spec
+from .sharding import shard_prompts
 
 
 def _complete(policy, ids, mask, key, *, batch_size, max_new_tokens, temperature, eos, pad, mesh):
     """Completions for every prompt row, in fixed-size batches (one compilation), each batch's
     rows split over the mesh's `data × fsdp` devices when it has one."""
-
-    def place(x: np.ndarray) -> jax.Array:
-        if mesh is None:
-            return jnp.asarray(x)
-        return put(x, NamedSharding(mesh, rows_spec(x.shape, mesh)))
-
     texts_tokens = []
     rows = ids.shape[0]
     for start in range(0, rows, batch_size):
@@ -38,10 +32,11 @@ def _complete(policy, ids, mask, key, *, batch_size, max_new_tokens, temperature
             chunk_ids = np.concatenate([chunk_ids, np.repeat(chunk_ids[-1:], short, 0)])
             chunk_mask = np.concatenate([chunk_mask, np.repeat(chunk_mask[-1:], short, 0)])
         key, sub = jax.random.split(key)
+        chunk = (chunk_ids, chunk_mask)
+        chunk = jax.tree.map(jnp.asarray, chunk) if mesh is None else shard_prompts(chunk, mesh)
         out = generate(
             policy,
-            place(chunk_ids),
-            place(chunk_mask),
+            *chunk,
             key=sub,
             max_new_tokens=max_new_tokens,
             temperature=temperature,

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config
+from .files import write_replacing
 
 logger = logging.getLogger(__name__)
 
@@ -38,9 +39,8 @@ def _truncate(path: Path, last_step: int) -> list[dict]:
             continue  # a line cut short by a crash
         if record.get("step", 0) <= last_step:
             kept.append(record)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    os.replace(tmp, path)  # a crash while rewriting keeps the old file whole
+    text = "".join(json.dumps(r) + "\n" for r in kept)
+    write_replacing(path, lambda tmp: tmp.write_text(text))  # a crash keeps the old file whole
     return kept
 
 

@@ -28,6 +28,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .config import ConfigError, MeshConfig
+from .models import Decoder
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -179,8 +180,6 @@ def param_spec(
 def _head_dim(tree) -> int | None:
     """The head size of the decoders in `tree` (policy, reference, critic backbone and the
     optimizer moments shaped like them), or `None` when it holds none."""
-    from .models import Decoder
-
     found = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, Decoder))
     sizes = {x.config.head_dim for x in found if isinstance(x, Decoder)}
     return sizes.pop() if len(sizes) == 1 else None

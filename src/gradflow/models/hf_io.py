@@ -5,7 +5,6 @@ checkpoint, checked against the expected shape and cast to the requested dtype.
 """
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from jaxtyping import PRNGKeyArray
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from ..files import write_replacing
 from .config import ModelConfig
 from .decoder import Decoder
 
@@ -220,7 +220,7 @@ def save_hf(model: Decoder, path: "str | Path", *, max_shard_bytes: int = MAX_SH
     hf_config = model.config.to_hf()
     hf_config["torch_dtype"] = str(next(iter(tensors.values())).dtype)
     config_text = json.dumps(hf_config, indent=2) + "\n"
-    _write_replacing(directory / "config.json", lambda tmp: tmp.write_text(config_text))
+    write_replacing(directory / "config.json", lambda tmp: tmp.write_text(config_text))
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     for name, array in tensors.items():
@@ -237,7 +237,7 @@ def save_hf(model: Decoder, path: "str | Path", *, max_shard_bytes: int = MAX_SH
             for i, shard in enumerate(shards)
         }
     for file, shard in files.items():
-        _write_replacing(directory / file, lambda tmp, shard=shard: _save_shard(shard, tmp))
+        write_replacing(directory / file, lambda tmp, shard=shard: _save_shard(shard, tmp))
     index_path = directory / "model.safetensors.index.json"
     if len(files) > 1:
         index = {
@@ -245,7 +245,7 @@ def save_hf(model: Decoder, path: "str | Path", *, max_shard_bytes: int = MAX_SH
             "weight_map": {name: file for file, shard in files.items() for name in shard},
         }
         text = json.dumps(index, indent=2) + "\n"
-        _write_replacing(index_path, lambda tmp: tmp.write_text(text))
+        write_replacing(index_path, lambda tmp: tmp.write_text(text))
     else:
         index_path.unlink(missing_ok=True)
     # Weights of an earlier save into this directory would be read instead of (or with) these.
@@ -256,14 +256,3 @@ def save_hf(model: Decoder, path: "str | Path", *, max_shard_bytes: int = MAX_SH
 
 def _save_shard(shard: dict[str, np.ndarray], path: Path) -> None:
     save_file(shard, str(path), metadata={"format": "pt"})
-
-
-def _write_replacing(path: Path, write) -> None:
-    """`write(tmp)` to a temporary file beside `path`, then renames it over `path`: a reader
-    never sees a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
