@@ -267,10 +267,12 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(capsys, root, training_failures
     assert f"interrupted: checkpoint of step {step} saved" in out
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert step >= 1 and records[-1]["step"] == step  # nothing logged was lost
-    # That run is neither overwritten by a fresh run nor resumed under another config.
-    refused = _fails(capsys, config, *overrides)
+    # That run is neither overwritten by a fresh run nor resumed under another config (one step
+    # only, so that a missing check fails fast instead of training 100000 steps).
+    short = ["train.steps=1", "checkpoint.every=0"]
+    refused = _fails(capsys, config, *short)
     assert f"{run_dir} already holds a run: pass run.resume=true" in refused
-    changed = _fails(capsys, config, *overrides, "run.resume=true", "run.seed=7")
+    changed = _fails(capsys, config, *short, "run.resume=true", "run.seed=7")
     assert "was started with a different config (run.seed 0 -> 7)" in changed
     assert list_checkpoints(run_dir / "checkpoints") == [saved]
     assert [json.loads(line) for line in metrics.read_text().splitlines()] == records
