@@ -654,6 +654,7 @@ def test_cache_attention_matches_numpy(implementation):
         jnp.asarray(start),
         jnp.asarray(end, jnp.int32),
         implementation,
+        dim**-0.5,
     )
     expected = np.zeros((batch, heads, dim))
     for b in range(batch):

@@ -1,11 +1,15 @@
-"""The decoder's shape: a typed view of a Hugging Face `config.json` (Qwen2 / Qwen2.5 / Llama)."""
+"""The decoder's shape: a typed view of a Hugging Face `config.json`.
+
+One decoder serves every supported family; a family is a few typed options (`Family`) fixed by
+its `model_type`, plus the config fields its `config.json` may set (sliding windows, soft-capping,
+the attention scale, the RoPE bases).
+"""
 
 import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 # The parameters each RoPE type reads (besides `rope_theta`).
 ROPE_PARAMETERS = {
@@ -17,14 +21,82 @@ ROPE_PARAMETERS = {
         "original_max_position_embeddings",
     ),
 }
+SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """What a `model_type` fixes about the layer, as transformers builds it.
+
+    - `architecture`: the transformers class `config.json` names.
+    - `qkv_bias`: biases on the q/k/v projections (and nowhere else).
+    - `qk_norm`: an RMSNorm over `head_dim` on each query and key head, before RoPE.
+    - `gemma`: Gemma's layout: RMSNorms scale by `1 + weight` (in float32), norms after the
+      attention and the MLP as well as before them, and embeddings scaled by √hidden.
+    - `defaults`: the transformers config class's defaults that differ from the common ones
+      (`COMMON_DEFAULTS`), used when `config.json` leaves a field out.
+    """
+
+    architecture: str
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    gemma: bool = False
+    defaults: tuple[tuple[str, Any], ...] = ()
+
+
+FAMILIES = {
+    "qwen2": Family("Qwen2ForCausalLM", qkv_bias=True),
+    "llama": Family("LlamaForCausalLM", defaults=(("max_position_embeddings", 2048),)),
+    "qwen3": Family("Qwen3ForCausalLM", qk_norm=True, defaults=(("head_dim", 128),)),
+    "mistral": Family(
+        "MistralForCausalLM",
+        defaults=(("max_position_embeddings", 131072), ("sliding_window", 4096)),
+    ),
+    "gemma3_text": Family(
+        "Gemma3ForCausalLM",
+        qk_norm=True,
+        gemma=True,
+        defaults=(
+            ("head_dim", 256),
+            ("max_position_embeddings", 131072),
+            ("tie_word_embeddings", True),
+            ("rope_theta", 1_000_000.0),
+            ("rope_local_base_freq", 10_000.0),
+            ("query_pre_attn_scalar", 256),
+            ("sliding_window", 4096),
+            ("sliding_window_pattern", 6),
+            ("hidden_activation", "gelu_pytorch_tanh"),
+        ),
+    ),
+}
+COMMON_DEFAULTS = {
+    "max_position_embeddings": 32768,
+    "tie_word_embeddings": False,
+    "rope_theta": 10000.0,
+    "rms_norm_eps": 1e-6,
+    "hidden_act": "silu",
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Hyperparameters of a Qwen2/Llama decoder, read from (and written back to) HF `config.json`.
+    """Hyperparameters of a decoder, read from (and written back to) HF `config.json`.
 
-    `rope_scaling` holds the non-default RoPE parameters as sorted `(name, value)` pairs so that the
-    config stays hashable (it is a static field of the model).
+    `model_type` picks the `Family`; the fields after `eos_token_id` are the options a family's
+    `config.json` may set (their defaults are Qwen2's and Llama's). `rope_scaling` holds the
+    non-default RoPE parameters as sorted `(name, value)` pairs and `layer_types` is a tuple, so
+    that the config stays hashable (it is a static field of the model).
+
+    - `hidden_act`: the gated MLP's activation, `silu` or `gelu_pytorch_tanh`.
+    - `query_pre_attn_scalar`: attention scores are scaled by its inverse square root (default:
+      `head_dim`).
+    - `attn_logit_softcapping`, `final_logit_softcapping`: `cap · tanh(x / cap)` on the
+      attention scores / the output logits (`None`: off).
+    - `sliding_window`: how many slots a query of a `sliding_attention` layer sees (itself
+      included).
+    - `layer_types`: `full_attention` or `sliding_attention` per layer (empty: all full).
+    - `rope_local_theta`: the RoPE base of sliding layers (default RoPE; `None`: `rope_theta`).
     """
 
     model_type: str
@@ -44,12 +116,19 @@ class ModelConfig:
     rope_scaling: tuple[tuple[str, float | int], ...] = ()
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
+    hidden_act: str = "silu"
+    query_pre_attn_scalar: float | None = None
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] = ()
+    rope_local_theta: float | None = None
 
     def __post_init__(self):
-        if self.model_type not in SUPPORTED_MODEL_TYPES:
+        if self.model_type not in FAMILIES:
             raise ValueError(
                 f"unsupported model_type {self.model_type!r}; gradflow supports "
-                f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+                f"{', '.join(FAMILIES)}"
             )
         if self.rope_type not in SUPPORTED_ROPE_TYPES:
             raise ValueError(
@@ -61,10 +140,51 @@ class ModelConfig:
                 f"num_attention_heads ({self.num_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_kv_heads})"
             )
+        if self.attention_bias != self.family.qkv_bias:
+            raise ValueError(
+                f"attention_bias={self.attention_bias} is not a {self.model_type} layout "
+                f"(it has q/k/v biases: {self.family.qkv_bias})"
+            )
+        if self.hidden_act not in SUPPORTED_ACTIVATIONS:
+            raise ValueError(
+                f"hidden_act {self.hidden_act!r} is not supported (only "
+                f"{', '.join(map(repr, SUPPORTED_ACTIVATIONS))})"
+            )
+        # TOML overrides give lists.
+        object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        if self.layer_types and len(self.layer_types) != self.num_layers:
+            raise ValueError(
+                f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers "
+                "(set layer_types with num_layers)"
+            )
+        unknown = sorted(set(self.layer_types) - set(LAYER_TYPES))
+        if unknown:
+            raise ValueError(f"layer_types: {unknown[0]!r} is not one of {', '.join(LAYER_TYPES)}")
+        if "sliding_attention" in self.layer_types and not self.sliding_window:
+            raise ValueError("layer_types has sliding_attention layers but no sliding_window")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1, got {self.sliding_window}")
+
+    @property
+    def family(self) -> Family:
+        """The options `model_type` fixes."""
+        return FAMILIES[self.model_type]
+
+    @property
+    def layer_windows(self) -> tuple[int | None, ...]:
+        """Per layer: how many slots a query sees (itself included), or `None` (all before it)."""
+        types = self.layer_types or ("full_attention",) * self.num_layers
+        return tuple(self.sliding_window if t == "sliding_attention" else None for t in types)
+
+    @property
+    def attention_scale(self) -> float:
+        """The factor on query·key scores."""
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any], *, source: str = "config") -> "ModelConfig":
-        """Reads an HF config dictionary.
+        """Reads an HF config dictionary, as transformers reads it (its class defaults for the
+        fields it leaves out); what gradflow cannot compute exactly is refused, naming the field.
 
         **Arguments:**
 
@@ -76,49 +196,44 @@ class ModelConfig:
         The `ModelConfig`.
         """
         model_type = hf.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
+        if model_type == "gemma3":
+            raise ValueError(
+                f"{source}: model_type 'gemma3' (Gemma3ForConditionalGeneration, with vision) is "
+                "not supported; the text-only 'gemma3_text' (Gemma3ForCausalLM) is"
+            )
+        if model_type not in FAMILIES:
             raise ValueError(
                 f"{source}: unsupported model_type {model_type!r}; gradflow supports "
-                f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+                f"{', '.join(FAMILIES)}"
             )
-        if hf.get("use_sliding_window", False):
-            raise ValueError(f"{source}: use_sliding_window=true is not supported")
-        for key in ("mlp_bias",):
+        family = FAMILIES[model_type]
+        defaults = {**COMMON_DEFAULTS, **dict(family.defaults)}
+
+        def get(key: str) -> Any:
+            return hf.get(key, defaults.get(key))
+
+        for key in ("mlp_bias", "use_bidirectional_attention"):
             if hf.get(key, False):
                 raise ValueError(f"{source}: {key}=true is not supported")
-        act = hf.get("hidden_act", "silu")
-        if act != "silu":
-            raise ValueError(f"{source}: hidden_act {act!r} is not supported (only 'silu')")
-        # As transformers reads it: `rope_scaling` before `rope_parameters`, the dict's own
-        # `rope_theta` before the top-level one.
-        rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
-        rope_theta = float(rope.pop("rope_theta", None) or hf.get("rope_theta", 10000.0))
-        rope_type = rope.pop("rope_type", rope.pop("type", "default"))
-        if rope_type not in SUPPORTED_ROPE_TYPES:
+        act_key = "hidden_activation" if family.gemma else "hidden_act"
+        act = get(act_key)
+        if act not in SUPPORTED_ACTIVATIONS:
             raise ValueError(
-                f"{source}: unsupported rope type {rope_type!r}; supported: "
-                f"{', '.join(SUPPORTED_ROPE_TYPES)}"
+                f"{source}: {act_key} {act!r} is not supported (only "
+                f"{', '.join(map(repr, SUPPORTED_ACTIVATIONS))})"
             )
-        partial = rope.pop("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
-        if partial != 1.0:
-            raise ValueError(f"{source}: partial_rotary_factor={partial} is not supported (only 1)")
-        if rope_type == "llama3":
-            rope["original_max_position_embeddings"] = hf.get(
-                "original_max_position_embeddings",
-                rope.get("original_max_position_embeddings", hf.get("max_position_embeddings")),
-            )
-        needed = ROPE_PARAMETERS.get(rope_type, ())
-        missing = [name for name in needed if not isinstance(rope.get(name), int | float)]
-        if missing:
-            raise ValueError(f"{source}: {rope_type} RoPE needs {', '.join(missing)}")
-        scaling = tuple(sorted((name, rope[name]) for name in needed))
-        # Qwen2 always has q/k/v biases; Llama's `attention_bias` also puts one on o_proj.
-        attention_bias = model_type == "qwen2" or bool(hf.get("attention_bias", False))
-        if model_type == "llama" and attention_bias:
+        if model_type != "qwen2" and hf.get("attention_bias", False):
             raise ValueError(
-                f"{source}: attention_bias=true (Llama with biases on q/k/v/o_proj) is not "
-                "supported"
+                f"{source}: attention_bias=true ({model_type} with biases on q/k/v/o_proj) is "
+                "not supported"
             )
+        if family.gemma:
+            rope_theta, rope_type, scaling, local_theta = _gemma_rope(hf, get, source)
+        else:
+            rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+            rope_theta, rope_type, scaling = _rope(rope, hf, get("rope_theta"), source)
+            local_theta = None
+        sliding_window, layer_types = _attention_layers(hf, model_type, get, source)
         heads = hf["num_attention_heads"]
         hidden = hf["hidden_size"]
         eos = hf.get("eos_token_id")
@@ -130,16 +245,23 @@ class ModelConfig:
             num_layers=hf["num_hidden_layers"],
             num_heads=heads,
             num_kv_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=hf.get("head_dim") or hidden // heads,
+            head_dim=get("head_dim") or hidden // heads,
             rope_theta=rope_theta,
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            attention_bias=attention_bias,
-            max_position_embeddings=hf.get("max_position_embeddings", 32768),
+            rms_norm_eps=float(get("rms_norm_eps")),
+            tie_word_embeddings=bool(get("tie_word_embeddings")),
+            attention_bias=family.qkv_bias,
+            max_position_embeddings=get("max_position_embeddings"),
             rope_type=rope_type,
             rope_scaling=scaling,
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+            hidden_act=act,
+            query_pre_attn_scalar=get("query_pre_attn_scalar"),
+            attn_logit_softcapping=hf.get("attn_logit_softcapping"),
+            final_logit_softcapping=hf.get("final_logit_softcapping"),
+            sliding_window=sliding_window,
+            layer_types=layer_types,
+            rope_local_theta=local_theta,
         )
 
     @classmethod
@@ -172,14 +294,14 @@ class ModelConfig:
 
         A JSON-serialisable dictionary.
         """
-        architecture = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}[self.model_type]
+        family = self.family
         rope = {
             "rope_type": self.rope_type,
             "rope_theta": self.rope_theta,
             **dict(self.rope_scaling),
         }
         hf: dict[str, Any] = {
-            "architectures": [architecture],
+            "architectures": [family.architecture],
             "model_type": self.model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
@@ -188,7 +310,7 @@ class ModelConfig:
             "num_attention_heads": self.num_heads,
             "num_key_value_heads": self.num_kv_heads,
             "head_dim": self.head_dim,
-            "hidden_act": "silu",
+            "hidden_activation" if family.gemma else "hidden_act": self.hidden_act,
             "rope_theta": self.rope_theta,
             "rope_parameters": rope,
             "rms_norm_eps": self.rms_norm_eps,
@@ -201,9 +323,26 @@ class ModelConfig:
         }
         if self.rope_type != "default":
             hf["rope_scaling"] = rope
+        if self.model_type != "qwen2":
+            hf["attention_bias"] = False
         if self.model_type == "llama":
-            hf["attention_bias"] = self.attention_bias
             hf["mlp_bias"] = False
+        layer_types = list(self.layer_types) or ["full_attention"] * self.num_layers
+        if self.model_type in ("qwen2", "qwen3"):
+            hf["use_sliding_window"] = self.sliding_window is not None
+            hf["sliding_window"] = self.sliding_window
+            hf["layer_types"] = layer_types
+        if self.model_type == "mistral":
+            hf["sliding_window"] = self.sliding_window
+        if family.gemma:
+            local = {"rope_type": "default", "rope_theta": self.rope_local_theta or self.rope_theta}
+            hf["rope_parameters"] = {"full_attention": rope, "sliding_attention": local}
+            hf["rope_local_base_freq"] = local["rope_theta"]
+            hf["sliding_window"] = self.sliding_window
+            hf["layer_types"] = layer_types
+            hf["query_pre_attn_scalar"] = self.query_pre_attn_scalar or self.head_dim
+            hf["attn_logit_softcapping"] = self.attn_logit_softcapping
+            hf["final_logit_softcapping"] = self.final_logit_softcapping
         return hf
 
     def replace(self, **changes: Any) -> "ModelConfig":
@@ -232,6 +371,96 @@ class ModelConfig:
         attn = d * h * hd * 2 + d * kv * hd * 2
         if self.attention_bias:
             attn += h * hd + 2 * kv * hd
-        layer = attn + 3 * d * i + 2 * d
+        if self.family.qk_norm:
+            attn += 2 * hd
+        norms = (4 if self.family.gemma else 2) * d
+        layer = attn + 3 * d * i + norms
         head = 0 if self.tie_word_embeddings else self.vocab_size * d
         return self.vocab_size * d + self.num_layers * layer + d + head
+
+
+def _rope(
+    rope: dict[str, Any], hf: dict[str, Any], default_theta: float, source: str
+) -> tuple[float, str, tuple[tuple[str, float | int], ...]]:
+    """`(rope_theta, rope_type, scaling)` of one RoPE parameter dictionary, as transformers
+    reads it: the dictionary's own `rope_theta` before the top-level one."""
+    rope = dict(rope)
+    rope_theta = float(rope.pop("rope_theta", None) or default_theta)
+    rope_type = rope.pop("rope_type", rope.pop("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(
+            f"{source}: unsupported rope type {rope_type!r}; supported: "
+            f"{', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
+    partial = rope.pop("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise ValueError(f"{source}: partial_rotary_factor={partial} is not supported (only 1)")
+    if rope_type == "llama3":
+        rope["original_max_position_embeddings"] = hf.get(
+            "original_max_position_embeddings",
+            rope.get("original_max_position_embeddings", hf.get("max_position_embeddings")),
+        )
+    needed = ROPE_PARAMETERS.get(rope_type, ())
+    missing = [name for name in needed if not isinstance(rope.get(name), int | float)]
+    if missing:
+        raise ValueError(f"{source}: {rope_type} RoPE needs {', '.join(missing)}")
+    return rope_theta, rope_type, tuple(sorted((name, rope[name]) for name in needed))
+
+
+def _gemma_rope(hf: dict[str, Any], get, source: str):
+    """Gemma 3's two RoPEs: `full_attention` (any supported type) and `sliding_attention`
+    (default type, base `rope_local_base_freq`), from `rope_parameters` keyed by layer type or
+    from the older top-level `rope_theta` / `rope_local_base_freq` / `rope_scaling`."""
+    params = hf.get("rope_parameters") or {}
+    full = dict(params.get("full_attention") or {})
+    full.update(hf.get("rope_scaling") or {})
+    full.setdefault("rope_theta", get("rope_theta"))
+    local = dict(params.get("sliding_attention") or {})
+    local.setdefault("rope_theta", get("rope_local_base_freq"))
+    rope_theta, rope_type, scaling = _rope(full, hf, get("rope_theta"), source)
+    local_theta, local_type, _ = _rope(local, hf, get("rope_local_base_freq"), source)
+    if local_type != "default":
+        raise ValueError(
+            f"{source}: rope_parameters.sliding_attention of type {local_type!r} is not "
+            "supported (only 'default')"
+        )
+    return rope_theta, rope_type, scaling, local_theta
+
+
+def _attention_layers(
+    hf: dict[str, Any], model_type: str, get, source: str
+) -> tuple[int | None, tuple[str, ...]]:
+    """`(sliding_window, layer_types)` as transformers builds each family's attention masks."""
+    layers = hf["num_hidden_layers"]
+    if model_type == "llama":
+        return None, ()
+    if model_type == "mistral":
+        if "layer_types" in hf:
+            raise ValueError(
+                f"{source}: layer_types is not read by transformers' MistralForCausalLM (it "
+                "gives every layer sliding_window); remove it"
+            )
+        window = get("sliding_window")
+        return window, ("sliding_attention",) * layers if window is not None else ()
+    if model_type == "gemma3_text":
+        window = get("sliding_window")
+        pattern = get("sliding_window_pattern")
+        default = tuple(
+            "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)
+        )
+    else:  # qwen2, qwen3: sliding layers from `max_window_layers` on, with `use_sliding_window`
+        window = get("sliding_window") if hf.get("use_sliding_window", False) else None
+        first = hf.get("max_window_layers", 28)
+        default = tuple(
+            "sliding_attention" if window is not None and i >= first else "full_attention"
+            for i in range(layers)
+        )
+    layer_types = tuple(hf.get("layer_types") or default)
+    if "sliding_attention" in layer_types and window is None:
+        raise ValueError(
+            f"{source}: layer_types has sliding_attention layers but sliding_window is unset "
+            "(use_sliding_window=false)"
+        )
+    if "sliding_attention" not in layer_types:
+        return None, ()
+    return window, layer_types

@@ -1,7 +1,9 @@
-"""The Qwen2/Llama decoder: embeddings, `lax.scan` over stacked layers, final norm, LM head.
+"""The decoder: embeddings, `lax.scan` over stacked layers, final norm, LM head.
 
 Positions come from the attention mask (`cumsum(mask) - 1`), so a left-padded row gets exactly
-the logits it would get alone. The same layers serve a full forward pass (`__call__`,
+the logits it would get alone. Sliding-window layers (Mistral, Gemma 3) are scanned with the
+others: each layer's window (and, for Gemma 3, its RoPE base) rides along with its weights.
+The same layers serve a full forward pass (`__call__`,
 `hidden_states`) and the prefill that fills a KV cache; one-token decode steps run on the
 per-layer layout of `DecodingModel`.
 """
@@ -13,7 +15,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from .config import ModelConfig
 from .kv_cache import KVCache
-from .layers import DecoderLayer, attend, rms_norm
+from .layers import DecoderLayer, attend, embed_tokens, norm, softcap
 from .rope import rotary_tables
 
 REMAT_POLICIES = {
@@ -40,7 +42,8 @@ def positions_from_mask(
 
 
 class Decoder(eqx.Module):
-    """A causal language model of the Qwen2/Llama family.
+    """A causal language model of any family `ModelConfig` reads (Qwen2/2.5/3, Llama, Mistral,
+    Gemma 3 text).
 
     Parameters are stored in `param_dtype` (whatever they were created or loaded with) and cast to
     `compute_dtype` layer by layer; norms, RoPE, softmax statistics and logits are float32.
@@ -60,6 +63,8 @@ class Decoder(eqx.Module):
             raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
         if self.config.tie_word_embeddings != (self.lm_head is None):
             raise ValueError("lm_head must be None exactly when tie_word_embeddings is true")
+        if self.attention_impl == "cudnn" and self.config.attn_logit_softcapping is not None:
+            raise ValueError("cuDNN attention has no attn_logit_softcapping")
 
     @staticmethod
     def init(config: ModelConfig, *, key: PRNGKeyArray, dtype=jnp.float32) -> "Decoder":
@@ -88,7 +93,7 @@ class Decoder(eqx.Module):
         return Decoder(
             embed=embed,
             layers=layers,
-            final_norm=jnp.ones((config.hidden_size,), dtype),
+            final_norm=jnp.full((config.hidden_size,), 0.0 if config.family.gemma else 1.0, dtype),
             lm_head=head,
             config=config,
             compute_dtype=jnp.dtype(dtype).name,
@@ -99,14 +104,53 @@ class Decoder(eqx.Module):
         """The LM head matrix (the embedding when tied)."""
         return self.embed if self.lm_head is None else self.lm_head
 
-    def _embed(self, input_ids: Int[Array, "batch time"]) -> Float[Array, "batch time hidden"]:
-        return self.embed[input_ids].astype(self.compute_dtype)
+    def _run_layers(
+        self,
+        input_ids: Int[Array, "batch time"],
+        attention_mask: Bool[Array, "batch time"] | Int[Array, "batch time"],
+        keep_cache: bool,
+    ) -> tuple[Float[Array, "batch time hidden"], tuple | None]:
+        """The residual stream after the last layer (not final-normed), and every layer's keys
+        and values (stacked) when `keep_cache`."""
+        config = self.config
+        b, t = input_ids.shape
+        positions = positions_from_mask(attention_mask)
+        cos, sin = rotary_tables(config, positions)
+        query_index = jnp.broadcast_to(jnp.arange(t), (b, t))
+        key_valid = attention_mask.astype(bool)
+        # Scanned with each layer's weights: its window (`t`, i.e. everything, on full layers).
+        windows = None
+        if config.sliding_window is not None:
+            windows = jnp.asarray([w or t for w in config.layer_windows], jnp.int32)
+        two_ropes = windows is not None and config.rope_local_theta is not None
+        if two_ropes:
+            local_cos, local_sin = rotary_tables(config, positions, local=True)
 
-    def _scan_layers(self, body, carry):
-        policy = REMAT_POLICIES[self.remat]
+        def body(h, xs):
+            layer, window = xs
+            layer_cos, layer_sin = cos, sin
+            if two_ropes:
+                sliding = window < t
+                layer_cos = jnp.where(sliding, local_cos, cos)
+                layer_sin = jnp.where(sliding, local_sin, sin)
+            q, k, v = layer.qkv(h, layer_cos, layer_sin, config)
+            out = attend(
+                q,
+                k,
+                v,
+                query_index,
+                key_valid,
+                window,
+                config.attention_scale,
+                config.attn_logit_softcapping,
+                self.attention_impl,
+            )
+            return layer.finish(h, out, config), (k, v) if keep_cache else None
+
         if self.remat != "none":
-            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-        return jax.lax.scan(body, carry, self.layers)
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+        embedded = embed_tokens(self.embed, input_ids, config, self.compute_dtype)
+        return jax.lax.scan(body, embedded, (self.layers, windows))
 
     def hidden_states(
         self,
@@ -124,23 +168,12 @@ class Decoder(eqx.Module):
 
         Hidden states in `compute_dtype`.
         """
-        config = self.config
-        positions = positions_from_mask(attention_mask)
-        cos, sin = rotary_tables(config, positions)
-        b, t = input_ids.shape
-        query_index = jnp.broadcast_to(jnp.arange(t), (b, t))
-        key_valid = attention_mask.astype(bool)
-
-        def body(h, layer):
-            q, k, v = layer.qkv(h, cos, sin, config)
-            out = attend(q, k, v, query_index, key_valid, self.attention_impl)
-            return layer.finish(h, out, config), None
-
-        h, _ = self._scan_layers(body, self._embed(input_ids))
-        return rms_norm(h, self.final_norm, config.rms_norm_eps)
+        h, _ = self._run_layers(input_ids, attention_mask, keep_cache=False)
+        return norm(h, self.final_norm, self.config)
 
     def logits(self, hidden: Float[Array, "*batch hidden"]) -> Float[Array, "*batch vocab"]:
-        """Float32 logits of hidden states (the matmul runs in the compute dtype).
+        """Float32 logits of hidden states (the matmul runs in the compute dtype), soft-capped
+        when the config says so.
 
         **Arguments:**
 
@@ -151,7 +184,8 @@ class Decoder(eqx.Module):
         Logits over the vocabulary.
         """
         head = self.head_weight.astype(hidden.dtype)
-        return jnp.einsum("...d,vd->...v", hidden, head, preferred_element_type=jnp.float32)
+        logits = jnp.einsum("...d,vd->...v", hidden, head, preferred_element_type=jnp.float32)
+        return softcap(logits, self.config.final_logit_softcapping)
 
     def __call__(
         self,
@@ -190,18 +224,6 @@ class Decoder(eqx.Module):
         `(hidden, cache)`: the final-normed hidden state of the last prompt slot and the cache
         (in `compute_dtype`).
         """
-        config = self.config
-        b, t = input_ids.shape
-        positions = positions_from_mask(attention_mask)
-        cos, sin = rotary_tables(config, positions)
-        query_index = jnp.broadcast_to(jnp.arange(t), (b, t))
-        key_valid = attention_mask.astype(bool)
-
-        def body(h, layer):
-            q, k, v = layer.qkv(h, cos, sin, config)
-            out = attend(q, k, v, query_index, key_valid, self.attention_impl)
-            return layer.finish(h, out, config), (k, v)
-
-        h, (keys, values) = self._scan_layers(body, self._embed(input_ids))
-        hidden = rms_norm(h[:, -1], self.final_norm, config.rms_norm_eps)
+        h, (keys, values) = self._run_layers(input_ids, attention_mask, keep_cache=True)
+        hidden = norm(h[:, -1], self.final_norm, self.config)
         return hidden, KVCache.from_prompt(keys, values, attention_mask, cache_size)

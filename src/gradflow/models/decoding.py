@@ -6,6 +6,8 @@ as possible. Slicing one layer out of stacked `[layers, ...]` weights inside the
 every layer's weights as separate arrays, cast once to the compute dtype, with the query/key/value
 projections concatenated into one matrix and the gate/up projections into another. The step runs
 the layers in a Python loop (unrolled in the compiled loop body) against a per-layer `KVCache`.
+The layer's math is `AbstractDecoderLayer`'s, the same as in training and prefill; only the
+weight fusing and the cache attention are here.
 """
 
 import equinox as eqx
@@ -19,24 +21,33 @@ from .kv_cache import KVCache
 from .layers import (
     DECODE_ATTENTION,
     PALLAS_BLOCK,
+    AbstractDecoderLayer,
     DecoderLayer,
     attend_cache,
+    embed_tokens,
     linear,
-    rms_norm,
+    norm,
+    softcap,
 )
-from .rope import apply_rotary, rotary_tables
+from .rope import rotary_tables
 
 
-class DecodingLayer(eqx.Module):
-    """One decoder layer's weights for decoding (HF `[out, in]` layout, compute dtype)."""
+class DecodingLayer(AbstractDecoderLayer):
+    """One decoder layer's weights for decoding (HF `[out, in]` layout, compute dtype), with the
+    query/key/value projections fused into one matrix and the gate/up projections into another.
+    """
 
     input_norm: Float[Array, " hidden"]
     qkv_proj: Float[Array, "qkv_out hidden"]
     qkv_bias: Float[Array, " qkv_out"] | None
+    q_norm: Float[Array, " head_dim"] | None
+    k_norm: Float[Array, " head_dim"] | None
     o_proj: Float[Array, "hidden q_out"]
+    attention_out_norm: Float[Array, " hidden"] | None
     post_norm: Float[Array, " hidden"]
     gate_up_proj: Float[Array, "gate_up hidden"]
     down_proj: Float[Array, "hidden intermediate"]
+    mlp_out_norm: Float[Array, " hidden"] | None
 
     @staticmethod
     def from_layer(layer: DecoderLayer, dtype: str) -> "DecodingLayer":
@@ -51,28 +62,54 @@ class DecodingLayer(eqx.Module):
 
         The `DecodingLayer`.
         """
+
+        def cast(w):
+            return None if w is None else w.astype(dtype)
+
         bias = None
         if layer.q_bias is not None:
             bias = jnp.concatenate([layer.q_bias, layer.k_bias, layer.v_bias]).astype(dtype)
         return DecodingLayer(
-            input_norm=layer.input_norm.astype(dtype),
+            input_norm=cast(layer.input_norm),
             qkv_proj=jnp.concatenate([layer.q_proj, layer.k_proj, layer.v_proj]).astype(dtype),
             qkv_bias=bias,
-            o_proj=layer.o_proj.astype(dtype),
-            post_norm=layer.post_norm.astype(dtype),
+            q_norm=cast(layer.q_norm),
+            k_norm=cast(layer.k_norm),
+            o_proj=cast(layer.o_proj),
+            attention_out_norm=cast(layer.attention_out_norm),
+            post_norm=cast(layer.post_norm),
             gate_up_proj=jnp.concatenate([layer.gate_proj, layer.up_proj]).astype(dtype),
-            down_proj=layer.down_proj.astype(dtype),
+            down_proj=cast(layer.down_proj),
+            mlp_out_norm=cast(layer.mlp_out_norm),
         )
+
+    def project_qkv(
+        self, x: Float[Array, "*batch hidden"]
+    ) -> tuple[
+        Float[Array, "*batch q_out"], Float[Array, "*batch kv_out"], Float[Array, "*batch kv_out"]
+    ]:
+        q_out = self.o_proj.shape[1]
+        kv_out = (self.qkv_proj.shape[0] - q_out) // 2
+        qkv = linear(x, self.qkv_proj, self.qkv_bias)
+        q, k, v = jnp.split(qkv, [q_out, q_out + kv_out], axis=-1)
+        return q, k, v
+
+    def project_gate_up(
+        self, x: Float[Array, "*batch hidden"]
+    ) -> tuple[Float[Array, "*batch intermediate"], Float[Array, "*batch intermediate"]]:
+        gate, up = jnp.split(linear(x, self.gate_up_proj), 2, axis=-1)
+        return gate, up
 
     def __call__(
         self,
         h: Float[Array, "batch hidden"],
-        cos: Float[Array, "batch 1 head_dim"],
-        sin: Float[Array, "batch 1 head_dim"],
+        cos: Float[Array, "batch head_dim"],
+        sin: Float[Array, "batch head_dim"],
         keys: Float[Array, "batch kv_heads slots head_dim"],
         values: Float[Array, "batch kv_heads slots head_dim"],
         slot: Int[Array, ""],
         start: Int[Array, " batch"],
+        window: int | None,
         config: ModelConfig,
         attention: str,
     ) -> tuple[
@@ -85,10 +122,12 @@ class DecodingLayer(eqx.Module):
         **Arguments:**
 
         - `h`: the residual stream entering the layer.
-        - `cos`, `sin`: rotary tables for these tokens.
+        - `cos`, `sin`: rotary tables for these tokens (this layer's kind).
         - `keys`, `values`: this layer's cache.
         - `slot`: the cache slot of this token.
         - `start`: each row's first real slot (it attends to `start … slot`).
+        - `window`: this layer's sliding window (the token sees at most the `window` newest
+          slots, itself included), or `None`.
         - `config`: the model config.
         - `attention`: the `attend_cache` implementation.
 
@@ -96,25 +135,27 @@ class DecodingLayer(eqx.Module):
 
         `(h, keys, values)`: the residual stream leaving the layer and the updated cache.
         """
-        batch = h.shape[0]
-        heads, kv_heads, head_dim = config.num_heads, config.num_kv_heads, config.head_dim
-        x = rms_norm(h, self.input_norm, config.rms_norm_eps)
-        qkv = linear(x, self.qkv_proj, self.qkv_bias)
-        q, k, v = jnp.split(qkv, [heads * head_dim, (heads + kv_heads) * head_dim], axis=-1)
-        q = apply_rotary(q.reshape(batch, 1, heads, head_dim), cos, sin)
-        k = apply_rotary(k.reshape(batch, 1, kv_heads, head_dim), cos, sin)
-        v = v.reshape(batch, kv_heads, 1, head_dim)
-        keys = jax.lax.dynamic_update_slice(keys, k.transpose(0, 2, 1, 3), (0, 0, slot, 0))
-        values = jax.lax.dynamic_update_slice(values, v, (0, 0, slot, 0))
-        out = attend_cache(q[:, 0], keys, values, start, slot + 1, attention)
-        h = h + linear(out.reshape(batch, -1), self.o_proj)
-        x = rms_norm(h, self.post_norm, config.rms_norm_eps)
-        gate, up = jnp.split(linear(x, self.gate_up_proj), 2, axis=-1)
-        return h + linear(jax.nn.silu(gate) * up, self.down_proj), keys, values
+        q, k, v = self.qkv(h, cos, sin, config)
+        keys = jax.lax.dynamic_update_slice(keys, k[:, :, None], (0, 0, slot, 0))
+        values = jax.lax.dynamic_update_slice(values, v[:, :, None], (0, 0, slot, 0))
+        if window is not None:
+            start = jnp.maximum(start, slot + 1 - window)
+        out = attend_cache(
+            q,
+            keys,
+            values,
+            start,
+            slot + 1,
+            attention,
+            config.attention_scale,
+            config.attn_logit_softcapping,
+        )
+        return self.finish(h, out, config), keys, values
 
 
 class DecodingModel(eqx.Module):
-    """A `Decoder`'s weights for decoding: per-layer arrays in the compute dtype.
+    """A `Decoder`'s weights for decoding: per-layer arrays in the compute dtype (the embedding
+    table stays in the parameter dtype: a step gathers only its rows, as the prefill does).
 
     Build it with `DecodingModel.from_decoder` once per generation, outside the decode loop.
     """
@@ -125,10 +166,13 @@ class DecodingModel(eqx.Module):
     head: Float[Array, "vocab hidden"]
     config: ModelConfig = eqx.field(static=True)
     attention: str = eqx.field(static=True)
+    compute_dtype: str = eqx.field(static=True)
 
     def __check_init__(self):
         if self.attention not in DECODE_ATTENTION:
             raise ValueError(f"attention must be one of {DECODE_ATTENTION}, got {self.attention!r}")
+        if self.attention == "pallas" and self.config.attn_logit_softcapping is not None:
+            raise ValueError("the Pallas decode-attention kernel has no attn_logit_softcapping")
 
     @staticmethod
     def from_decoder(model: Decoder, attention: str = "auto") -> "DecodingModel":
@@ -140,7 +184,8 @@ class DecodingModel(eqx.Module):
         - `attention`: the decode-attention implementation, one of `DECODE_ATTENTION`, or
           `"auto"`: `"pallas"` when this process drives a single GPU, `"xla"` elsewhere (the
           Pallas kernel has no rule for splitting it over a device mesh, which XLA would meet
-          by gathering the whole cache onto every device).
+          by gathering the whole cache onto every device) and with attention soft-capping
+          (which the kernel lacks).
 
         **Returns:**
 
@@ -148,19 +193,21 @@ class DecodingModel(eqx.Module):
         """
         if attention == "auto":
             single_gpu = jax.default_backend() == "gpu" and jax.device_count() == 1
-            attention = "pallas" if single_gpu else "xla"
+            capped = model.config.attn_logit_softcapping is not None
+            attention = "pallas" if single_gpu and not capped else "xla"
         dtype = model.compute_dtype
         layers = tuple(
             DecodingLayer.from_layer(jax.tree.map(lambda w, i=i: w[i], model.layers), dtype)
             for i in range(model.config.num_layers)
         )
         return DecodingModel(
-            embed=model.embed.astype(dtype),
+            embed=model.embed,
             layers=layers,
             final_norm=model.final_norm.astype(dtype),
             head=model.head_weight.astype(dtype),
             config=model.config,
             attention=attention,
+            compute_dtype=dtype,
         )
 
     def cache_slots(self, tokens: int) -> int:
@@ -180,7 +227,8 @@ class DecodingModel(eqx.Module):
         return tokens
 
     def logits(self, hidden: Float[Array, "batch hidden"]) -> Float[Array, "batch vocab"]:
-        """Float32 logits of final-normed hidden states (the matmul runs in the compute dtype).
+        """Float32 logits of final-normed hidden states (the matmul runs in the compute dtype),
+        soft-capped when the config says so.
 
         **Arguments:**
 
@@ -190,9 +238,10 @@ class DecodingModel(eqx.Module):
 
         Logits over the vocabulary.
         """
-        return jax.lax.dot_general(
+        logits = jax.lax.dot_general(
             hidden, self.head, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
         )
+        return softcap(logits, self.config.final_logit_softcapping)
 
     def decode(
         self,
@@ -215,16 +264,28 @@ class DecodingModel(eqx.Module):
         `(hidden, cache)`: the final-normed hidden state of this token and the updated cache.
         """
         config = self.config
-        cos, sin = rotary_tables(config, position[:, None])
-        h = self.embed[token]
+        tables = {False: rotary_tables(config, position)}
+        if config.rope_local_theta is not None:
+            tables[True] = rotary_tables(config, position, local=True)
+        h = embed_tokens(self.embed, token, config, self.compute_dtype)
         keys, values = [], []
-        for layer, layer_keys, layer_values in zip(
-            self.layers, cache.keys, cache.values, strict=True
+        for layer, window, layer_keys, layer_values in zip(
+            self.layers, config.layer_windows, cache.keys, cache.values, strict=True
         ):
+            cos, sin = tables[window is not None and config.rope_local_theta is not None]
             h, layer_keys, layer_values = layer(
-                h, cos, sin, layer_keys, layer_values, slot, cache.start, config, self.attention
+                h,
+                cos,
+                sin,
+                layer_keys,
+                layer_values,
+                slot,
+                cache.start,
+                window,
+                config,
+                self.attention,
             )
             keys.append(layer_keys)
             values.append(layer_values)
-        hidden = rms_norm(h, self.final_norm, config.rms_norm_eps)
+        hidden = norm(h, self.final_norm, config)
         return hidden, KVCache(keys=tuple(keys), values=tuple(values), start=cache.start)

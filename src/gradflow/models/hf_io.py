@@ -4,6 +4,7 @@ The model is first built shape-only (`eqx.filter_eval_shape`), then every array 
 checkpoint, checked against the expected shape and cast to the requested dtype.
 """
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -29,10 +30,19 @@ LAYER_TENSORS = {
     "q_bias": "self_attn.q_proj.bias",
     "k_bias": "self_attn.k_proj.bias",
     "v_bias": "self_attn.v_proj.bias",
+    "q_norm": "self_attn.q_norm.weight",
+    "k_norm": "self_attn.k_norm.weight",
     "post_norm": "post_attention_layernorm.weight",
     "gate_proj": "mlp.gate_proj.weight",
     "up_proj": "mlp.up_proj.weight",
     "down_proj": "mlp.down_proj.weight",
+}
+# Gemma's `post_attention_layernorm` norms the attention output; its MLP has a norm on each side.
+GEMMA_LAYER_TENSORS = {
+    **LAYER_TENSORS,
+    "attention_out_norm": "post_attention_layernorm.weight",
+    "post_norm": "pre_feedforward_layernorm.weight",
+    "mlp_out_norm": "post_feedforward_layernorm.weight",
 }
 TOP_TENSORS = {
     "embed": "model.embed_tokens.weight",
@@ -105,8 +115,23 @@ class _Reader:
         return jnp.asarray(array, dtype=dtype)
 
 
+def layer_tensors(config: ModelConfig) -> dict[str, str]:
+    """`DecoderLayer` field → HF tensor name (after `model.layers.<i>.`) for the config's family.
+
+    **Arguments:**
+
+    - `config`: the model config.
+
+    **Returns:**
+
+    The mapping (fields the family does not have are `None` in the model and skipped).
+    """
+    return GEMMA_LAYER_TENSORS if config.family.gemma else LAYER_TENSORS
+
+
 def load_hf(path: "str | Path", *, dtype=jnp.float32, compute_dtype=None) -> Decoder:
-    """Loads a Qwen2/Llama model from a local HF directory (`config.json` + `*.safetensors`).
+    """Loads a model from a local HF directory (`config.json` + `*.safetensors`) of any family
+    `ModelConfig` reads.
 
     **Arguments:**
 
@@ -127,6 +152,7 @@ def load_hf(path: "str | Path", *, dtype=jnp.float32, compute_dtype=None) -> Dec
     config = ModelConfig.load(directory)
     reader = _Reader(directory)
     skeleton = eqx.filter_eval_shape(Decoder.init, config, key=jax.random.key(0), dtype=dtype)
+    names = layer_tensors(config)
 
     def fill_layer(field: str, spec: jax.ShapeDtypeStruct | None):
         if spec is None:
@@ -134,13 +160,16 @@ def load_hf(path: "str | Path", *, dtype=jnp.float32, compute_dtype=None) -> Dec
         per_layer = spec.shape[1:]
         return jnp.stack(
             [
-                reader.read(f"model.layers.{i}.{LAYER_TENSORS[field]}", per_layer, dtype)
+                reader.read(f"model.layers.{i}.{names[field]}", per_layer, dtype)
                 for i in range(config.num_layers)
             ]
         )
 
     layers = type(skeleton.layers)(
-        **{field: fill_layer(field, getattr(skeleton.layers, field)) for field in LAYER_TENSORS}
+        **{
+            field.name: fill_layer(field.name, getattr(skeleton.layers, field.name))
+            for field in dataclasses.fields(skeleton.layers)
+        }
     )
     vocab_hidden = (config.vocab_size, config.hidden_size)
     head = None
@@ -183,7 +212,7 @@ def hf_state_dict(model: Decoder) -> dict[str, np.ndarray]:
     A name → array dictionary.
     """
     tensors: dict[str, np.ndarray] = {}
-    for field, name in LAYER_TENSORS.items():
+    for field, name in layer_tensors(model.config).items():
         stacked = getattr(model.layers, field)
         if stacked is None:
             continue

@@ -9,19 +9,24 @@ from jaxtyping import Array, Float, Int
 from .config import ModelConfig
 
 
-def inverse_frequencies(config: ModelConfig) -> np.ndarray:
+def inverse_frequencies(config: ModelConfig, local: bool = False) -> np.ndarray:
     """RoPE inverse frequencies, scaled as the config's `rope_type` says (computed on the host).
 
     **Arguments:**
 
     - `config`: the model config.
+    - `local`: those of sliding-window layers instead (default RoPE with base
+      `rope_local_theta`; Gemma 3).
 
     **Returns:**
 
     A float64 numpy array of shape `(head_dim // 2,)`.
     """
     dim = config.head_dim
-    inv = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    exponents = np.arange(0, dim, 2, dtype=np.float64) / dim
+    if local and config.rope_local_theta is not None:
+        return 1.0 / (config.rope_local_theta**exponents)
+    inv = 1.0 / (config.rope_theta**exponents)
     params = dict(config.rope_scaling)
     if config.rope_type == "linear":
         inv = inv / params["factor"]
@@ -39,30 +44,31 @@ def inverse_frequencies(config: ModelConfig) -> np.ndarray:
 
 
 def rotary_tables(
-    config: ModelConfig, positions: Int[Array, "batch time"]
-) -> tuple[Float[Array, "batch time head_dim"], Float[Array, "batch time head_dim"]]:
+    config: ModelConfig, positions: Int[Array, "*batch"], local: bool = False
+) -> tuple[Float[Array, "*batch head_dim"], Float[Array, "*batch head_dim"]]:
     """The cosine and sine tables for the given positions (float32).
 
     **Arguments:**
 
     - `config`: the model config.
     - `positions`: the position of each token.
+    - `local`: the tables of sliding-window layers (see `inverse_frequencies`).
 
     **Returns:**
 
-    `(cos, sin)`, each of shape `(batch, time, head_dim)`.
+    `(cos, sin)`, each of shape `(*batch, head_dim)`.
     """
-    inv = jnp.asarray(inverse_frequencies(config), dtype=jnp.float32)
+    inv = jnp.asarray(inverse_frequencies(config, local), dtype=jnp.float32)
     angles = positions.astype(jnp.float32)[..., None] * inv
     angles = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(angles), jnp.sin(angles)
 
 
 def apply_rotary(
-    x: Float[Array, "batch time heads head_dim"],
-    cos: Float[Array, "batch time head_dim"],
-    sin: Float[Array, "batch time head_dim"],
-) -> Float[Array, "batch time heads head_dim"]:
+    x: Float[Array, "*batch heads head_dim"],
+    cos: Float[Array, "*batch head_dim"],
+    sin: Float[Array, "*batch head_dim"],
+) -> Float[Array, "*batch heads head_dim"]:
     """Rotates query or key vectors (HF's `rotate_half` convention), in float32.
 
     **Arguments:**
@@ -77,5 +83,5 @@ def apply_rotary(
     xf = x.astype(jnp.float32)
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
-    out = xf * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    out = xf * cos[..., None, :] + rotated * sin[..., None, :]
     return out.astype(x.dtype)
