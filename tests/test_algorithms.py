@@ -23,7 +23,15 @@ import numpy as np
 import optax
 import pytest
 
-from gradflow.algorithms import NAMES, Algorithm, hyperparameters, make
+from gradflow.algorithms import (
+    NAMES,
+    Algorithm,
+    TaskReward,
+    hyperparameter_table,
+    hyperparameter_types,
+    hyperparameters,
+    make,
+)
 from gradflow.batch import Prompts
 from gradflow.logprobs import completion_logprobs
 from gradflow.losses import AGG_MODES
@@ -35,15 +43,18 @@ from gradflow.stages import (
     GRPO,
     RLOO,
     AbstractAdvantage,
+    AbstractLoss,
     AbstractRollout,
     DynamicSampling,
     HostReward,
+    Mean,
     OverlongPenalty,
     PolicyLoss,
     Reinforce,
     ReinforcePP,
     ReinforcePPBaseline,
     Sampling,
+    Share,
 )
 from gradflow.state import init_state
 from gradflow.step import step
@@ -437,9 +448,7 @@ def test_every_name_builds_its_preset():
             assert algorithm.critic_optimizer is None
         if name == "dapo":
             assert algorithm.rollout == DynamicSampling(sampling=sampling, oversample=3)
-            assert algorithm.reward == OverlongPenalty(
-                inner=REWARD, max_new_tokens=64, buffer=16, factor=1.0
-            )
+            assert algorithm.reward == OverlongPenalty(inner=REWARD, buffer=None, factor=1.0)
         else:
             assert isinstance(algorithm.rollout, Sampling) and algorithm.reward is REWARD
     # GRPO's normaliser is std + 1e-6 (the docs), not AdamW's eps.
@@ -517,12 +526,8 @@ def _other_value(key, value):
     raise AssertionError((key, value))
 
 
-# Hyperparameters whose stage field has another name (or that feed a derived field).
-FIELD_NAMES = {
-    "overlong_buffer": {"buffer"},
-    "overlong_factor": {"factor"},
-    "max_new_tokens": {"max_new_tokens", "buffer"},  # DAPO's default buffer is a quarter of it
-}
+# Hyperparameters whose stage field has another name.
+FIELD_NAMES = {"overlong_buffer": {"buffer"}, "overlong_factor": {"factor"}}
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -551,6 +556,33 @@ def test_hyperparameters_are_what_make_accepts_and_land_in_their_field(name):
             assert changed[diff[0]] == value
 
 
+class EpsGRPO(AbstractAdvantage):
+    """GRPO with its normaliser named `eps`, as AdamW's is."""
+
+    eps: float = 1e-6
+
+    def __call__(self, token_rewards, mask, values, group_size):
+        return GRPO(std_eps=self.eps)(token_rewards, mask, values, group_size)
+
+
+def test_a_name_two_stages_share_fails_when_the_preset_is_defined():
+    preset = Algorithm(Sampling(), TaskReward(), EpsGRPO(), PolicyLoss(), Optimizer())
+    with pytest.raises(
+        ValueError, match="'eps' is a field of both advantage.eps and optimizer.eps"
+    ):
+        hyperparameter_table(preset)
+
+
+def test_hyperparameter_types_are_the_stage_field_types():
+    types = hyperparameter_types("dapo")
+    assert types["overlong_buffer"] == int | None and types["dual_clip"] == float | None
+    assert types["kl_estimator"] == str | None and types["oversample"] is int
+    assert types["clip_high"] is float and types["mask_truncated"] is bool
+    assert hyperparameter_types("ppo")["critic_learning_rate"] is float
+    for name in NAMES:
+        assert set(hyperparameter_types(name)) == set(hyperparameters(name))
+
+
 def test_overrides_land_in_the_right_stage():
     ppo = make("ppo", reward=REWARD, clip_high=0.3, group_size=5, critic_learning_rate=3e-4)
     assert ppo.loss.clip_high == 0.3 and ppo.loss.clip_low == 0.2
@@ -561,8 +593,7 @@ def test_overrides_land_in_the_right_stage():
     assert ppo.advantage == GAE(gamma=0.9, lam=0.95)
     dapo = make("dapo", reward=REWARD, oversample=4, max_new_tokens=40, overlong_buffer=8)
     assert dapo.rollout.oversample == 4 and dapo.rollout.prompts_to_sample(3) == 12
-    assert dapo.rollout.max_new_tokens == 40
-    assert (dapo.reward.max_new_tokens, dapo.reward.buffer) == (40, 8)
+    assert dapo.rollout.max_new_tokens == 40 and dapo.reward.buffer == 8
     grpo = make("grpo", reward=REWARD, eps=1e-5, std_eps=1e-3)
     assert grpo.optimizer.eps == 1e-5 and grpo.advantage.std_eps == 1e-3
 
@@ -595,6 +626,66 @@ def test_user_written_advantage_is_used_by_step():
     np.testing.assert_allclose(metrics["advantage/mean"], advantages[MASK].mean(), rtol=1e-5)
     # One epoch, one minibatch: the PPO-clip loss is REINFORCE's, with these advantages.
     assert_grad_close(grad, expected_grad(advantages))
+
+
+class CISPO(AbstractLoss):
+    """CISPO (MiniMax-M1) written as a user stage: `-sg(min(r_t, 1 + eps_high)) · A_t · logp_t`
+    over all tokens, with `r_t = π_θ(y_t) / μ(y_t)` against the distribution the tokens were
+    drawn from (the batch's `sampling_logp`), so every token keeps its gradient."""
+
+    eps_high: float = 0.28
+    epochs: int = 1
+    minibatches: int = 1
+    micro_batches: int = 2
+    logprob_chunk: int = 32
+    mask_truncated: bool = False
+    needs_reference: bool = False
+    needs_old_logprobs: bool = False
+
+    def shape_rewards(self, token_rewards, mask, old_logp, ref_logp):
+        return token_rewards
+
+    def denominator(self, minibatch):
+        return jnp.sum(minibatch.mask.astype(jnp.float32))
+
+    def __call__(self, logp, entropy, values, batch, denominator):
+        m = batch.mask.astype(jnp.float32)
+        ratio = jnp.exp(jnp.where(batch.mask, logp - batch.sampling_logp, 0.0))
+        weight = jax.lax.stop_gradient(jnp.minimum(ratio, 1.0 + self.eps_high))
+        objective = -jnp.sum(weight * batch.advantages * logp * m) / denominator
+        clipped = jnp.sum((ratio > 1.0 + self.eps_high).astype(jnp.float32) * m)
+        return objective, {
+            "cispo/objective": Share(jax.lax.stop_gradient(objective)),
+            "cispo/clipped": Mean(jax.lax.stop_gradient(clipped), jnp.sum(m)),
+        }
+
+
+def test_user_written_loss_is_used_by_step():
+    """CISPO, written above with no edit to gradflow, trains in `Algorithm(loss=...)`: its step
+    has the gradient of `-mean(min(r, 1.28) · A · logp)` with numpy GRPO advantages, and its own
+    metrics reduce over its two micro-batches as they say (a token mean, a summed share)."""
+    ratio = np.random.RandomState(12).uniform(0.5, 2.0, (B, T))
+    logp = logprobs_of(MODEL)
+    completions = dataclasses.replace(
+        COMPLETIONS, sampling_logprobs=jnp.asarray(logp - np.log(ratio), jnp.float32)
+    )
+    rollout = Sampling(group_size=G, max_new_tokens=T, eos_token_ids=(EOS,))
+    algorithm = Algorithm(
+        rollout=FixedRollout(completions, rollout, filtered=True),
+        reward=REWARD,
+        advantage=GRPO(),
+        loss=CISPO(),
+        optimizer=SGD(learning_rate=LR),
+    )
+    _, metrics, grad = run(algorithm)
+    advantages = grpo_advantages_ref()
+    weight = np.minimum(ratio, 1.28)
+    assert_grad_close(grad, expected_grad(advantages * weight))
+    assert relative_gap(expected_grad(advantages * weight), expected_grad(advantages)) > 0.05
+    np.testing.assert_allclose(metrics["cispo/clipped"], (ratio > 1.28)[MASK].mean(), rtol=1e-6)
+    objective = -(weight * advantages * logp)[MASK].sum() / MASK.sum()
+    np.testing.assert_allclose(metrics["cispo/objective"], objective, rtol=1e-4, atol=1e-6)
+    assert "loss/policy" not in metrics  # nothing of PolicyLoss runs
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,16 @@
 """An algorithm is a value: four stages (rollout, reward, advantage, loss) and its optimizers.
 
-`make(name, **hyperparameters)` builds the named presets; a user composes a new algorithm by
-building `Algorithm(...)` with a stage of their own (any subclass of the abstract stage types).
+Each preset in `PRESETS` is an `Algorithm` value holding its stages with their defaults;
+`TaskReward()` stands for the task's reward, which `make(name, reward=...)` puts in its place. A
+user composes a new algorithm by building `Algorithm(...)` with a stage of their own (any subclass
+of the abstract stage types).
+
+A preset's hyperparameters (what `make` and a config's `[algorithm]` table accept, with their
+types) are its stages' fields: a field's own name, or the one its
+`eqx.field(metadata={"hyperparameter": ...})` gives; the fields of `critic_optimizer` take a
+`critic_` prefix; fields with `metadata={"task": True}` (the tokenizer's ids) are set by `make`
+from its own arguments. Two stages of one preset sharing a name is an error when the preset is
+defined.
 
 | name | rollout | advantage | loss |
 |---|---|---|---|
@@ -18,16 +27,21 @@ building `Algorithm(...)` with a stage of their own (any subclass of the abstrac
 
 import dataclasses
 import difflib
-from typing import Any
+import typing
+from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 import equinox as eqx
 
+from .batch import Prompts
 from .optim import Optimizer
+from .rollout import Completions
 from .stages import (
     GAE,
     GRPO,
     RLOO,
     AbstractAdvantage,
+    AbstractLoss,
     AbstractReward,
     AbstractRollout,
     DynamicSampling,
@@ -36,6 +50,7 @@ from .stages import (
     Reinforce,
     ReinforcePP,
     ReinforcePPBaseline,
+    RewardOutput,
     Sampling,
 )
 
@@ -48,7 +63,7 @@ class Algorithm(eqx.Module):
     - `rollout`: samples completions and selects the groups trained on.
     - `reward`: scores completions.
     - `advantage`: turns rewards (and values) into advantages.
-    - `loss`: the policy objective and its update schedule.
+    - `loss`: the objective and its update schedule.
     - `optimizer`: the policy's optimizer.
     - `critic_optimizer`: the critic's optimizer, exactly when the advantage needs values.
     """
@@ -56,9 +71,9 @@ class Algorithm(eqx.Module):
     rollout: AbstractRollout
     reward: AbstractReward
     advantage: AbstractAdvantage
-    loss: PolicyLoss
+    loss: AbstractLoss
     optimizer: Optimizer
-    critic_optimizer: Optimizer | None = None
+    critic_optimizer: Optimizer | None = eqx.field(default=None, metadata={"prefix": "critic_"})
 
     def __check_init__(self):
         if self.advantage.needs_values != (self.critic_optimizer is not None):
@@ -67,43 +82,135 @@ class Algorithm(eqx.Module):
             )
 
 
-# Per preset: (advantage, loss overrides, rollout kind, uses a critic).
-_PRESETS: dict[str, tuple[type, dict[str, Any], dict[str, Any], str]] = {
-    "reinforce": (Reinforce, {}, {}, "sampling"),
-    "ppo": (GAE, {}, {"minibatches": 4}, "sampling"),
-    "grpo": (GRPO, {}, {"kl_coef": 0.001}, "sampling"),
-    "dapo": (
-        GRPO,
-        {},
-        {"clip_high": 0.28, "agg": "token-mean", "mask_truncated": True, "kl_coef": 0.0},
-        "dynamic",
+class TaskReward(AbstractReward):
+    """Stands for the task's reward in a preset; `make` puts the task's reward in its place."""
+
+    def __call__(self, prompts: Prompts, completions: Completions) -> RewardOutput:
+        raise TypeError("TaskReward stands for the task's reward: build the algorithm with make")
+
+
+PRESETS: dict[str, Algorithm] = {
+    "reinforce": Algorithm(Sampling(), TaskReward(), Reinforce(), PolicyLoss(), Optimizer()),
+    "ppo": Algorithm(
+        Sampling(),
+        TaskReward(),
+        GAE(),
+        PolicyLoss(minibatches=4),
+        Optimizer(),
+        critic_optimizer=Optimizer(learning_rate=1e-5),
     ),
-    "rloo": (RLOO, {}, {}, "sampling"),
-    "reinforce_pp": (ReinforcePP, {}, {"kl_coef": 0.001, "kl_placement": "reward"}, "sampling"),
-    "reinforce_pp_baseline": (ReinforcePPBaseline, {}, {"kl_coef": 0.001}, "sampling"),
-    "dr_grpo": (GRPO, {"scale_by_std": False}, {"agg": "seq-mean-token-sum-norm"}, "sampling"),
-    "gspo": (
-        GRPO,
-        {},
-        {
-            "ratio_level": "sequence",
-            "clip_low": 3e-4,
-            "clip_high": 4e-4,
-            "dual_clip": None,
-            "agg": "seq-mean-token-mean",
-            "minibatches": 2,
-        },
-        "sampling",
+    "grpo": Algorithm(Sampling(), TaskReward(), GRPO(), PolicyLoss(kl_coef=0.001), Optimizer()),
+    "dapo": Algorithm(
+        DynamicSampling(sampling=Sampling(), oversample=3),
+        OverlongPenalty(inner=TaskReward()),
+        GRPO(),
+        PolicyLoss(clip_high=0.28, agg="token-mean", mask_truncated=True, kl_coef=0.0),
+        Optimizer(),
+    ),
+    "rloo": Algorithm(Sampling(), TaskReward(), RLOO(), PolicyLoss(), Optimizer()),
+    "reinforce_pp": Algorithm(
+        Sampling(),
+        TaskReward(),
+        ReinforcePP(),
+        PolicyLoss(kl_coef=0.001, kl_placement="reward"),
+        Optimizer(),
+    ),
+    "reinforce_pp_baseline": Algorithm(
+        Sampling(), TaskReward(), ReinforcePPBaseline(), PolicyLoss(kl_coef=0.001), Optimizer()
+    ),
+    "dr_grpo": Algorithm(
+        Sampling(),
+        TaskReward(),
+        GRPO(scale_by_std=False),
+        PolicyLoss(agg="seq-mean-token-sum-norm"),
+        Optimizer(),
+    ),
+    "gspo": Algorithm(
+        Sampling(),
+        TaskReward(),
+        GRPO(),
+        PolicyLoss(
+            ratio_level="sequence",
+            clip_low=3e-4,
+            clip_high=4e-4,
+            dual_clip=None,
+            agg="seq-mean-token-mean",
+            minibatches=2,
+        ),
+        Optimizer(),
     ),
 }
-NAMES = tuple(_PRESETS)
-# `overlong_buffer = None` means a quarter of `max_new_tokens`.
-DAPO_FIELDS = {"oversample": 3, "overlong_buffer": None, "overlong_factor": 1.0}
-CRITIC_PREFIX = "critic_"
+NAMES = tuple(PRESETS)
 
 
-def _fields(module_type: type) -> list[str]:
-    return [f.name for f in dataclasses.fields(module_type) if f.init]
+class Hyperparameter(NamedTuple):
+    """Where a hyperparameter lives in its preset, its default and its type."""
+
+    path: tuple[str, ...]
+    default: Any
+    type: Any
+
+
+class _Leaf(NamedTuple):
+    owner: eqx.Module
+    field: dataclasses.Field
+    path: tuple[str, ...]
+    value: Any
+    prefix: str
+
+
+def _leaves(module: eqx.Module, path: tuple[str, ...] = (), prefix: str = "") -> Iterator[_Leaf]:
+    """Every field of `module` and its sub-modules that is not itself a module (`None` fields of
+    the `Algorithm` are absent stages, not values)."""
+    for field in dataclasses.fields(module):
+        value = getattr(module, field.name)
+        where = (*path, field.name)
+        if isinstance(value, eqx.Module):
+            yield from _leaves(value, where, prefix + field.metadata.get("prefix", ""))
+            if isinstance(value, TaskReward):
+                yield _Leaf(module, field, where, value, prefix)
+        elif value is not None or path:
+            yield _Leaf(module, field, where, value, prefix)
+
+
+def hyperparameter_table(algorithm: Algorithm) -> dict[str, Hyperparameter]:
+    """The hyperparameters of a preset: its stages' fields, by name.
+
+    **Arguments:**
+
+    - `algorithm`: a preset (the task's reward a `TaskReward()`).
+
+    **Returns:**
+
+    A name → `Hyperparameter` dictionary.
+
+    **Raises:**
+
+    `ValueError` when two fields have the same name.
+    """
+    table: dict[str, Hyperparameter] = {}
+    for leaf in _leaves(algorithm):
+        if isinstance(leaf.value, TaskReward) or leaf.field.metadata.get("task"):
+            continue
+        name = leaf.prefix + leaf.field.metadata.get("hyperparameter", leaf.field.name)
+        if name in table:
+            raise ValueError(
+                f"hyperparameter {name!r} is a field of both {'.'.join(table[name].path)} and "
+                f"{'.'.join(leaf.path)}: give one of them another name"
+            )
+        kind = typing.get_type_hints(type(leaf.owner))[leaf.field.name]
+        table[name] = Hyperparameter(leaf.path, leaf.value, kind)
+    return table
+
+
+_TABLES = {name: hyperparameter_table(preset) for name, preset in PRESETS.items()}
+
+
+def _check_name(name: str) -> None:
+    if name not in PRESETS:
+        close = difflib.get_close_matches(name, NAMES, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown algorithm {name!r}{hint}; valid: {', '.join(NAMES)}")
 
 
 def hyperparameters(name: str) -> dict[str, Any]:
@@ -118,31 +225,37 @@ def hyperparameters(name: str) -> dict[str, Any]:
     A name → default dictionary.
     """
     _check_name(name)
-    advantage, advantage_defaults, loss_defaults, kind = _PRESETS[name]
-    values: dict[str, Any] = {}
-    sampling = Sampling()
-    values.update({f: getattr(sampling, f) for f in _fields(Sampling)})
-    for f in ("eos_token_ids", "pad_token_id"):
-        values.pop(f)
-    if kind == "dynamic":
-        values.update(DAPO_FIELDS)
-    values.update({f: getattr(advantage(), f) for f in _fields(advantage)})
-    values.update(advantage_defaults)
-    loss = PolicyLoss(**loss_defaults)
-    values.update({f: getattr(loss, f) for f in _fields(PolicyLoss)})
-    optimizer = Optimizer()
-    values.update({f: getattr(optimizer, f) for f in _fields(Optimizer)})
-    if advantage.needs_values:
-        critic = Optimizer(learning_rate=1e-5)
-        values.update({CRITIC_PREFIX + f: getattr(critic, f) for f in _fields(Optimizer)})
-    return values
+    return {key: h.default for key, h in _TABLES[name].items()}
 
 
-def _check_name(name: str) -> None:
-    if name not in _PRESETS:
-        close = difflib.get_close_matches(name, NAMES, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"unknown algorithm {name!r}{hint}; valid: {', '.join(NAMES)}")
+def hyperparameter_types(name: str) -> dict[str, Any]:
+    """The type of every hyperparameter `make(name, ...)` accepts (its stage field's annotation).
+
+    **Arguments:**
+
+    - `name`: an algorithm name (see `NAMES`).
+
+    **Returns:**
+
+    A name → type dictionary.
+    """
+    _check_name(name)
+    return {key: h.type for key, h in _TABLES[name].items()}
+
+
+def _rebuild(module: eqx.Module, values: dict[tuple[str, ...], Any], path=()) -> eqx.Module:
+    """`module` with the fields at `values`' paths replaced (each changed module re-checked)."""
+    changes = {}
+    for field in dataclasses.fields(module):
+        where = (*path, field.name)
+        value = getattr(module, field.name)
+        if where in values:
+            changes[field.name] = values[where]
+        elif isinstance(value, eqx.Module):
+            new = _rebuild(value, values, where)
+            if new is not value:
+                changes[field.name] = new
+    return dataclasses.replace(module, **changes) if changes else module
 
 
 def make(
@@ -153,7 +266,7 @@ def make(
     pad_token_id: int = 0,
     **overrides: Any,
 ) -> Algorithm:
-    """Builds a named algorithm.
+    """Builds a named algorithm: its preset with the task's reward and the overrides.
 
     **Arguments:**
 
@@ -168,43 +281,20 @@ def make(
     The `Algorithm`.
     """
     _check_name(name)
-    valid = hyperparameters(name)
-    unknown = sorted(set(overrides) - set(valid))
+    table = _TABLES[name]
+    unknown = sorted(set(overrides) - set(table))
     if unknown:
         key = unknown[0]
-        close = difflib.get_close_matches(key, valid, n=1)
+        close = difflib.get_close_matches(key, table, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ValueError(
-            f"unknown hyperparameter {key!r} for {name}{hint}; valid: {', '.join(sorted(valid))}"
+            f"unknown hyperparameter {key!r} for {name}{hint}; valid: {', '.join(sorted(table))}"
         )
-    values = {**valid, **overrides}
-    advantage_type, _, _, kind = _PRESETS[name]
-
-    def pick(module_type: type, prefix: str = "") -> dict[str, Any]:
-        return {f: values[prefix + f] for f in _fields(module_type) if prefix + f in values}
-
-    sampling = Sampling(
-        **pick(Sampling), eos_token_ids=tuple(eos_token_ids), pad_token_id=pad_token_id
-    )
-    rollout: AbstractRollout = sampling
-    if kind == "dynamic":
-        rollout = DynamicSampling(sampling=sampling, oversample=values["oversample"])
-        reward = OverlongPenalty(
-            inner=reward,
-            max_new_tokens=sampling.max_new_tokens,
-            buffer=values["overlong_buffer"]
-            if values["overlong_buffer"] is not None
-            else max(1, sampling.max_new_tokens // 4),
-            factor=values["overlong_factor"],
-        )
-    critic_optimizer = None
-    if advantage_type.needs_values:
-        critic_optimizer = Optimizer(**pick(Optimizer, CRITIC_PREFIX))
-    return Algorithm(
-        rollout=rollout,
-        reward=reward,
-        advantage=advantage_type(**pick(advantage_type)),
-        loss=PolicyLoss(**pick(PolicyLoss)),
-        optimizer=Optimizer(**pick(Optimizer)),
-        critic_optimizer=critic_optimizer,
-    )
+    task = {"eos_token_ids": tuple(eos_token_ids), "pad_token_id": pad_token_id}
+    values = {table[key].path: value for key, value in overrides.items()}
+    for leaf in _leaves(PRESETS[name]):
+        if isinstance(leaf.value, TaskReward):
+            values[leaf.path] = reward
+        elif leaf.field.metadata.get("task"):
+            values[leaf.path] = task[leaf.field.name]
+    return _rebuild(PRESETS[name], values)

@@ -291,29 +291,17 @@ def _build_algorithm(table: Any) -> dict[str, Any]:
             f"algorithm.name: unknown algorithm {name!r}{_suggest(str(name), algorithms.NAMES)}; "
             f"valid: {', '.join(algorithms.NAMES)}"
         )
-    defaults = algorithms.hyperparameters(name)
+    types = algorithms.hyperparameter_types(name)
     resolved: dict[str, Any] = {"name": name}
     for key, value in table.items():
         if key == "name":
             continue
-        if key not in defaults:
+        if key not in types:
             raise ConfigError(
-                f"unknown key algorithm.{key} for {name}{_suggest(key, defaults)}; valid keys: "
-                f"name, {', '.join(sorted(defaults))}"
+                f"unknown key algorithm.{key} for {name}{_suggest(key, types)}; valid keys: "
+                f"name, {', '.join(sorted(types))}"
             )
-        default = defaults[key]
-        expected: Any = type(default) if default is not None else Any
-        if isinstance(default, tuple):
-            expected, value = list, value
-        if isinstance(default, float):
-            expected = float
-        expected = {
-            "dual_clip": float | None,
-            "kl_estimator": str | None,
-            "overlong_buffer": int | None,
-        }.get(key, expected)
-        value = _check_value(f"algorithm.{key}", value, expected)
-        resolved[key] = tuple(value) if isinstance(default, tuple) else value
+        resolved[key] = _check_value(f"algorithm.{key}", value, types[key])
     return resolved
 
 

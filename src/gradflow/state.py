@@ -34,7 +34,8 @@ class TrainState(eqx.Module):
 
 
 def init_state(algorithm: Algorithm, policy: Decoder, *, key: PRNGKeyArray) -> TrainState:
-    """The initial state for `algorithm`: a critic when it needs one, a reference when β > 0.
+    """The initial state for `algorithm`: a critic when it needs one, a reference when its loss
+    stage needs one (β > 0).
 
     **Arguments:**
 
@@ -53,7 +54,7 @@ def init_state(algorithm: Algorithm, policy: Decoder, *, key: PRNGKeyArray) -> T
         critic_params = eqx.filter(critic, eqx.is_inexact_array)
         critic_opt = algorithm.critic_optimizer.transform().init(critic_params)
     reference = None
-    if algorithm.loss.kl_coef > 0:
+    if algorithm.loss.needs_reference:
         reference = jax.tree.map(jnp.copy, policy)
     return TrainState(
         policy=policy,

@@ -1,10 +1,12 @@
 """The one compiled RL step: rollout → reward → selection → advantage → update.
 
 `step(algorithm, state, prompts, key)` folds the algorithm's stages; nothing in it knows which
-algorithm runs. The update is a nested `lax.scan`: epochs, then a shuffled batch reshaped into
-minibatches, then micro-batches whose gradients are accumulated exactly (losses are
-numerator / whole-minibatch denominator). Old log-probs, reference log-probs and old values are
-computed once, before the first epoch. Every metric is computed over the whole batch.
+algorithm runs, and the objective is the loss stage's. The update is a nested `lax.scan`: epochs,
+then a shuffled batch reshaped into minibatches, then micro-batches whose gradients are
+accumulated exactly (the loss stage returns numerator / whole-minibatch denominator). Old
+log-probs, reference log-probs and old values are computed once, before the first epoch. Every
+metric is computed over the whole batch; each loss metric says how it reduces
+(`gradflow.stages.AbstractMetric`).
 
 With a device mesh the sequences are split over `data × fsdp` (replicated for the host reward,
 which scores the whole batch once), the state keeps the layout of `gradflow.sharding` (so its
@@ -22,26 +24,12 @@ from .algorithms import Algorithm
 from .batch import Prompts
 from .critic import Critic
 from .logprobs import completion_logprobs
-from .losses import aggregate, aggregation_denominator, kl, policy_loss, value_loss
 from .models import Decoder
 from .sharding import constrain_replicated, constrain_rows, constrain_state
+from .stages import UpdateBatch
 from .state import TrainState
 
 SAMPLES_LOGGED = 4
-
-
-class UpdateBatch(eqx.Module):
-    """One row per trained sequence: prompt + completion ids and what the losses need."""
-
-    ids: Int[Array, "batch total"]
-    full_mask: Bool[Array, "batch total"]
-    mask: Bool[Array, "batch new"]
-    advantages: Float[Array, "batch new"]
-    old_logp: Float[Array, "batch new"] | None
-    sampling_logp: Float[Array, "batch new"] | None
-    ref_logp: Float[Array, "batch new"] | None
-    old_values: Float[Array, "batch new"] | None
-    returns: Float[Array, "batch new"] | None
 
 
 def _masked_mean(x: Array, mask: Array) -> Array:
@@ -78,7 +66,8 @@ def _objective(
     prompt_len: int,
     denominator: Float[Array, ""],
 ):
-    """The loss of one micro-batch (its share of the minibatch loss) and summed metrics."""
+    """The loss stage's objective of one micro-batch (its share of the minibatch loss) and its
+    metrics, from the policy's log-probs (and the critic's values)."""
     loss = algorithm.loss
     logp, entropy = completion_logprobs(
         policy,
@@ -88,59 +77,12 @@ def _objective(
         chunk=loss.logprob_chunk,
         temperature=_training_temperature(algorithm),
     )
-    old = jax.lax.stop_gradient(logp) if micro.old_logp is None else micro.old_logp
-    weights = None
-    if micro.sampling_logp is not None:
-        # Tokens drawn with top-k/top-p come from the truncated distribution μ, not from π_old:
-        # each is weighed by π_old(y)/μ(y), the probability mass the filter kept at its step.
-        weights = jnp.exp(jnp.where(micro.mask, old - micro.sampling_logp, 0.0))
-    pg, pg_metrics = policy_loss(
-        logp,
-        old,
-        micro.advantages,
-        micro.mask,
-        clip_low=loss.clip_low,
-        clip_high=loss.clip_high,
-        dual_clip=loss.dual_clip,
-        agg=loss.agg,
-        ratio_level=loss.ratio_level,
-        denominator=denominator,
-        weights=weights,
-    )
-    total = pg
-    tokens = jnp.sum(micro.mask.astype(jnp.float32))
-    sums = {f"loss/{k}": v * tokens for k, v in pg_metrics.items()}
-    if weights is not None:
-        sums["loss/kept_mass"] = jnp.sum(jnp.where(micro.mask, weights, 0.0))
-    sums["loss/entropy"] = jnp.sum(jnp.where(micro.mask, entropy, 0.0))
-    if loss.entropy_coef:
-        total = total - loss.entropy_coef * aggregate(
-            entropy, micro.mask, loss.agg, denominator=denominator
+    if micro.old_logp is None:
+        micro = eqx.tree_at(
+            lambda b: b.old_logp, micro, jax.lax.stop_gradient(logp), is_leaf=lambda x: x is None
         )
-    if micro.ref_logp is not None:
-        kl_tokens = kl(logp, micro.ref_logp, loss.estimator)
-        sums["loss/kl_ref"] = jnp.sum(jnp.where(micro.mask, kl_tokens, 0.0))
-        if loss.kl_placement == "loss":
-            total = total + loss.kl_coef * aggregate(
-                kl_tokens, micro.mask, loss.agg, denominator=denominator
-            )
-    parts = {"loss/policy": pg, "loss/total": total}
-    value = jnp.zeros((), jnp.float32)
-    if critic is not None:
-        values = critic.values(micro.ids, micro.full_mask, prompt_len)
-        value, v_metrics = value_loss(
-            values,
-            micro.old_values,
-            micro.returns,
-            micro.mask,
-            clip=loss.value_clip,
-            agg=loss.agg,
-            denominator=denominator,
-        )
-        parts["loss/value"] = value
-        sums.update({f"loss/{k}": v * tokens for k, v in v_metrics.items()})
-    sums["tokens"] = tokens
-    return total + value, (parts, sums)
+    values = None if critic is None else critic.values(micro.ids, micro.full_mask, prompt_len)
+    return loss(logp, entropy, values, micro, denominator)
 
 
 def _training_temperature(algorithm: Algorithm) -> float:
@@ -185,18 +127,18 @@ def _update(
     def minibatch_step(carry, minibatch: UpdateBatch):
         policy, policy_opt, critic, critic_opt = carry
         models = (policy, critic)
-        denominator = aggregation_denominator(minibatch.mask, loss.agg)
+        denominator = loss.denominator(minibatch)
         micro_batches = _split(minibatch, micro, mesh)
 
         def micro_step(acc, micro_batch):
-            out = grad_fn(models, micro_batch, denominator)
-            return jax.tree.map(jnp.add, acc, out), None
+            grads, metrics = grad_fn(models, micro_batch, denominator)
+            return jax.tree.map(jnp.add, acc, grads), metrics
 
-        shapes = eqx.filter_eval_shape(
+        shapes, _ = eqx.filter_eval_shape(
             grad_fn, models, jax.tree.map(lambda x: x[0], micro_batches), denominator
         )
         init = constrain_state(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), mesh)
-        (grads, (parts, sums)), _ = jax.lax.scan(micro_step, init, micro_batches)
+        grads, loss_metrics = jax.lax.scan(micro_step, init, micro_batches)
         grads = constrain_state(grads, mesh)
         g_policy, g_critic = grads
         skipped = _nonfinite(g_policy) | (_nonfinite(g_critic) if train_critic else False)
@@ -208,7 +150,7 @@ def _update(
         new_policy = eqx.apply_updates(policy, updates)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(skipped, b, a), new, old)  # noqa: E731
         policy, policy_opt = keep((new_policy, new_opt), (policy, policy_opt))
-        metrics = {**parts, **sums, "grad_norm": optax.tree.norm(g_policy)}
+        metrics = {"loss": loss_metrics, "grad_norm": optax.tree.norm(g_policy)}
         if train_critic:
             c_params = eqx.filter(critic, eqx.is_inexact_array)
             with jax.numpy_dtype_promotion("standard"):
@@ -231,17 +173,9 @@ def _update(
     carry, per_update = jax.lax.scan(epoch, carry, jax.random.split(key, epochs))
     policy, policy_opt, critic, critic_opt = carry
     updates_done = epochs * minibatches
-    tokens = jnp.maximum(jnp.sum(per_update["tokens"]), 1.0)
-    metrics = {}
-    for name, values in per_update.items():
-        if name == "tokens":
-            continue
-        if name in ("loss/policy", "loss/total", "loss/value", "grad_norm", "critic_grad_norm"):
-            metrics[name] = jnp.mean(values)
-        elif name == "skipped":
-            metrics["update/skipped"] = jnp.sum(values)
-        else:
-            metrics[name] = jnp.sum(values) / tokens
+    metrics = {name: metric.reduce() for name, metric in per_update.pop("loss").items()}
+    metrics["update/skipped"] = jnp.sum(per_update.pop("skipped"))
+    metrics.update({name: jnp.mean(values) for name, values in per_update.items()})
     # The rate of this step's first update, from the optimizer's own count (which skipped,
     # non-finite updates do not advance).
     schedule = algorithm.optimizer.learning_rate_schedule()
@@ -365,8 +299,8 @@ def _compiled_step(inputs, state: TrainState) -> tuple[TrainState, dict[str, Arr
         )
 
     old_logp = None
-    kl_in_reward = state.reference is not None and loss.kl_placement == "reward"
-    if not loss.reuses_logprobs or kl_in_reward:
+    reuses_logprobs = loss.epochs * loss.minibatches == 1
+    if not reuses_logprobs or loss.needs_old_logprobs:
         old_logp = jax.lax.stop_gradient(logprobs_of(state.policy))
         if _training_temperature(algorithm) == 1.0:
             # the sampler's log-probs are those of the untempered policy
@@ -383,10 +317,9 @@ def _compiled_step(inputs, state: TrainState) -> tuple[TrainState, dict[str, Arr
                 lambda x: state.critic.values(x[0], x[1], prompt_len), inputs, parts, mesh
             )
         )
-    token_rewards = _token_rewards(total, completions.lengths, new)
-    if kl_in_reward:
-        kl_tokens = kl(old_logp, ref_logp, loss.estimator)
-        token_rewards = token_rewards - loss.kl_coef * jnp.where(mask, kl_tokens, 0.0)
+    token_rewards = loss.shape_rewards(
+        _token_rewards(total, completions.lengths, new), mask, old_logp, ref_logp
+    )
     advantages, returns = algorithm.advantage(token_rewards, mask, old_values, group)
     metrics["advantage/mean"] = _masked_mean(advantages, mask)
     metrics["advantage/std"] = jnp.sqrt(
@@ -400,7 +333,7 @@ def _compiled_step(inputs, state: TrainState) -> tuple[TrainState, dict[str, Arr
             full_mask=full_mask,
             mask=mask,
             advantages=jax.lax.stop_gradient(advantages),
-            old_logp=old_logp if not loss.reuses_logprobs else None,
+            old_logp=old_logp if not reuses_logprobs else None,
             sampling_logp=completions.sampling_logprobs if algorithm.rollout.filtered else None,
             ref_logp=ref_logp,
             old_values=old_values,

@@ -9,7 +9,7 @@ from .advantage import (
     ReinforcePP,
     ReinforcePPBaseline,
 )
-from .loss import PolicyLoss
+from .loss import AbstractLoss, AbstractMetric, Mean, PolicyLoss, Share, UpdateBatch
 from .reward import AbstractReward, HostReward, OverlongPenalty, RewardOutput
 from .rollout import AbstractRollout, DynamicSampling, Sampling
 
@@ -18,10 +18,13 @@ __all__ = [
     "GRPO",
     "RLOO",
     "AbstractAdvantage",
+    "AbstractLoss",
+    "AbstractMetric",
     "AbstractReward",
     "AbstractRollout",
     "DynamicSampling",
     "HostReward",
+    "Mean",
     "OverlongPenalty",
     "PolicyLoss",
     "Reinforce",
@@ -29,4 +32,6 @@ __all__ = [
     "ReinforcePPBaseline",
     "RewardOutput",
     "Sampling",
+    "Share",
+    "UpdateBatch",
 ]

@@ -1,16 +1,154 @@
-"""The loss stage: the PPO-clip policy objective, KL to the reference, entropy bonus, value loss,
-and the update schedule (epochs × minibatches × micro-batches) they are minimised with.
+"""The loss stage: the objective an update minimises, its metrics, and the update schedule.
+
+`gradflow.step` computes, for each micro-batch, the policy's log-probs and entropies (and the
+critic's values) and calls the loss stage for that micro-batch's share of the minibatch objective;
+it sums the gradients over micro-batches and steps the optimizers. Everything the objective is
+made of (policy loss, importance weights, KL to the reference in the loss or in the reward,
+entropy bonus, value loss) is the loss stage's.
+
+A metric a loss returns says how it combines over the micro-batches and updates of a step
+(`Mean`, `Share`), so a new metric of a user-written loss is reduced right.
 """
 
-import equinox as eqx
+import abc
 
-from ..losses import AGG_MODES, KL_ESTIMATORS, RATIO_LEVELS
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from equinox import AbstractVar
+from jaxtyping import Array, Bool, Float, Int
+
+from ..losses import (
+    AGG_MODES,
+    KL_ESTIMATORS,
+    RATIO_LEVELS,
+    aggregate,
+    aggregation_denominator,
+    kl,
+    policy_loss,
+    value_loss,
+)
 
 KL_PLACEMENTS = ("loss", "reward")
 
 
-class PolicyLoss(eqx.Module):
-    """Hyperparameters of the policy update (symbols of `docs/algorithms.md`).
+class UpdateBatch(eqx.Module):
+    """One row per trained sequence: prompt + completion ids and what the losses need.
+
+    **Fields:**
+
+    - `ids`, `full_mask`: prompt + completion ids and their attention mask.
+    - `mask`: the completion tokens trained on.
+    - `advantages`: per-token advantages.
+    - `old_logp`: the behaviour policy's log-probs, computed before the first update (`None` in
+      the step's batch when one update reuses the update's own forward pass; the loss stage
+      always sees them, as `stop_gradient(logp)` then).
+    - `sampling_logp`: log-probs of the distribution the tokens were drawn from, when it is
+      top-k/top-p truncated (`None` otherwise).
+    - `ref_logp`: the frozen reference's log-probs (`None` without a reference).
+    - `old_values`, `returns`: the critic's values before the update and its targets (`None`
+      without a critic).
+    """
+
+    ids: Int[Array, "batch total"]
+    full_mask: Bool[Array, "batch total"]
+    mask: Bool[Array, "batch new"]
+    advantages: Float[Array, "batch new"]
+    old_logp: Float[Array, "batch new"] | None
+    sampling_logp: Float[Array, "batch new"] | None
+    ref_logp: Float[Array, "batch new"] | None
+    old_values: Float[Array, "batch new"] | None
+    returns: Float[Array, "batch new"] | None
+
+
+class AbstractMetric(eqx.Module):
+    """One micro-batch's value of a logged metric, and how a step's values combine.
+
+    The step stacks each metric's fields over `[epochs, minibatches, micro_batches]`; `reduce`
+    turns the stacked fields into the logged scalar.
+    """
+
+    @abc.abstractmethod
+    def reduce(self) -> Float[Array, ""]:
+        """The logged value, from the fields stacked over epochs, minibatches, micro-batches."""
+
+
+class Mean(AbstractMetric):
+    """`Σ total / Σ count` over every micro-batch and update (e.g. a masked token sum and the
+    token count: the mean over every token the step trained on)."""
+
+    total: Float[Array, "*stack"]
+    count: Float[Array, "*stack"]
+
+    def reduce(self) -> Float[Array, ""]:
+        return jnp.sum(self.total) / jnp.maximum(jnp.sum(self.count), 1.0)
+
+
+class Share(AbstractMetric):
+    """A micro-batch's share of a minibatch value (a loss: numerator over the minibatch's
+    denominator): summed over micro-batches, then averaged over updates."""
+
+    value: Float[Array, "*stack"]
+
+    def reduce(self) -> Float[Array, ""]:
+        return jnp.mean(jnp.sum(self.value, axis=-1))
+
+
+class AbstractLoss(eqx.Module):
+    """What an update minimises, and the schedule it is minimised with.
+
+    **Fields** (the schedule, read by `gradflow.step`):
+
+    - `epochs`, `minibatches`: passes over the batch and minibatches per pass.
+    - `micro_batches`: gradient-accumulation splits of each minibatch (exact when `__call__`
+      divides by the minibatch's `denominator`).
+    - `logprob_chunk`: completion positions per LM-head chunk when computing log-probs.
+    - `mask_truncated`: drop completions without EOS from the loss (DAPO's overlong filtering).
+    - `needs_reference`: whether the train state keeps a frozen reference policy.
+    - `needs_old_logprobs`: whether `shape_rewards` needs the behaviour policy's log-probs
+      (they are computed anyway when there are several updates).
+    """
+
+    epochs: AbstractVar[int]
+    minibatches: AbstractVar[int]
+    micro_batches: AbstractVar[int]
+    logprob_chunk: AbstractVar[int]
+    mask_truncated: AbstractVar[bool]
+    needs_reference: AbstractVar[bool]
+    needs_old_logprobs: AbstractVar[bool]
+
+    @abc.abstractmethod
+    def shape_rewards(
+        self,
+        token_rewards: Float[Array, "batch new"],
+        mask: Bool[Array, "batch new"],
+        old_logp: Float[Array, "batch new"] | None,
+        ref_logp: Float[Array, "batch new"] | None,
+    ) -> Float[Array, "batch new"]:
+        """The token rewards the advantage stage sees (e.g. minus a KL penalty)."""
+
+    @abc.abstractmethod
+    def denominator(self, minibatch: UpdateBatch) -> Float[Array, ""]:
+        """The normaliser of a minibatch's objective, shared by its micro-batches."""
+
+    @abc.abstractmethod
+    def __call__(
+        self,
+        logp: Float[Array, "batch new"],
+        entropy: Float[Array, "batch new"],
+        values: Float[Array, "batch new"] | None,
+        batch: UpdateBatch,
+        denominator: Float[Array, ""],
+    ) -> tuple[Float[Array, ""], dict[str, AbstractMetric]]:
+        """One micro-batch's objective (its numerator over the minibatch's `denominator`) and
+        its metrics, given the policy's log-probs and entropies of the completion tokens (and
+        the critic's values, when the state has a critic)."""
+
+
+class PolicyLoss(AbstractLoss):
+    """The PPO-clip family's objective (symbols of `docs/algorithms.md`): clipped policy loss
+    with importance weights, KL to the reference, entropy bonus and, with a critic, the value
+    loss.
 
     **Fields:**
 
@@ -24,11 +162,12 @@ class PolicyLoss(eqx.Module):
     - `kl_placement`: `"loss"` (`+ β·agg(kl)`) or `"reward"` (`r_t -= β·kl_t`).
     - `kl_estimator`: `k1`, `k2`, `k3` or `abs` (`None`: k3 in the loss, k1 in the reward).
     - `entropy_coef`: weight of the entropy bonus (entropy is always logged).
-    - `epochs`, `minibatches`: PPO's passes over the batch and minibatches per pass.
-    - `micro_batches`: gradient-accumulation splits of each minibatch (exact).
+    - `epochs`, `minibatches`, `micro_batches`, `logprob_chunk`, `mask_truncated`: the schedule
+      (see `AbstractLoss`).
     - `value_clip`: the critic's value clip (used when the state has a critic).
-    - `mask_truncated`: drop completions without EOS from the loss (DAPO's overlong filtering).
-    - `logprob_chunk`: completion positions per LM-head chunk when computing log-probs.
+
+    With top-k/top-p sampling each token's policy loss is also weighed by `π_old(y)/μ(y)`, the
+    probability mass the filter kept.
     """
 
     clip_low: float = 0.2
@@ -74,6 +213,75 @@ class PolicyLoss(eqx.Module):
         return "k3" if self.kl_placement == "loss" else "k1"
 
     @property
-    def reuses_logprobs(self) -> bool:
-        """With one epoch and one minibatch `old_logp = stop_gradient(logp)`: no extra forward."""
-        return self.epochs * self.minibatches == 1
+    def needs_reference(self) -> bool:
+        return self.kl_coef > 0
+
+    @property
+    def needs_old_logprobs(self) -> bool:
+        return self.kl_placement == "reward" and self.needs_reference
+
+    def shape_rewards(self, token_rewards, mask, old_logp, ref_logp):
+        if self.kl_placement != "reward" or ref_logp is None:
+            return token_rewards
+        kl_tokens = kl(old_logp, ref_logp, self.estimator)
+        return token_rewards - self.kl_coef * jnp.where(mask, kl_tokens, 0.0)
+
+    def denominator(self, minibatch):
+        return aggregation_denominator(minibatch.mask, self.agg)
+
+    def __call__(self, logp, entropy, values, batch, denominator):
+        old = batch.old_logp
+        mask = batch.mask
+        weights = None
+        sums: dict[str, AbstractMetric] = {}
+        if batch.sampling_logp is not None:
+            # Tokens drawn with top-k/top-p come from the truncated distribution μ, not from π_old:
+            # each is weighed by π_old(y)/μ(y), the probability mass the filter kept at its step.
+            weights = jnp.exp(jnp.where(mask, old - batch.sampling_logp, 0.0))
+            sums["loss/kept_mass"] = Mean(
+                jnp.sum(jnp.where(mask, weights, 0.0)), jnp.sum(mask.astype(jnp.float32))
+            )
+        pg, pg_metrics = policy_loss(
+            logp,
+            old,
+            batch.advantages,
+            mask,
+            clip_low=self.clip_low,
+            clip_high=self.clip_high,
+            dual_clip=self.dual_clip,
+            agg=self.agg,
+            ratio_level=self.ratio_level,
+            denominator=denominator,
+            weights=weights,
+        )
+        total = pg
+        tokens = jnp.sum(mask.astype(jnp.float32))
+        sums.update({f"loss/{k}": Mean(v * tokens, tokens) for k, v in pg_metrics.items()})
+        sums["loss/entropy"] = Mean(jnp.sum(jnp.where(mask, entropy, 0.0)), tokens)
+        if self.entropy_coef:
+            total = total - self.entropy_coef * aggregate(
+                entropy, mask, self.agg, denominator=denominator
+            )
+        if batch.ref_logp is not None:
+            kl_tokens = kl(logp, batch.ref_logp, self.estimator)
+            sums["loss/kl_ref"] = Mean(jnp.sum(jnp.where(mask, kl_tokens, 0.0)), tokens)
+            if self.kl_placement == "loss":
+                total = total + self.kl_coef * aggregate(
+                    kl_tokens, mask, self.agg, denominator=denominator
+                )
+        sums["loss/policy"] = Share(pg)
+        sums["loss/total"] = Share(total)
+        if values is None:
+            return total, jax.lax.stop_gradient(sums)
+        value, v_metrics = value_loss(
+            values,
+            batch.old_values,
+            batch.returns,
+            mask,
+            clip=self.value_clip,
+            agg=self.agg,
+            denominator=denominator,
+        )
+        sums["loss/value"] = Share(value)
+        sums.update({f"loss/{k}": Mean(v * tokens, tokens) for k, v in v_metrics.items()})
+        return total + value, jax.lax.stop_gradient(sums)

@@ -84,29 +84,32 @@ class HostReward(AbstractReward):
 class OverlongPenalty(AbstractReward):
     """DAPO's overlong reward shaping on top of another reward (pure JAX over lengths).
 
-    A completion longer than `max_new_tokens - buffer` gets
-    `-(length - (max_new_tokens - buffer)) / buffer * factor`, capped at `-factor`.
+    With `L_max` the completion cap (the completions' width: the rollout's `max_new_tokens`), a
+    completion longer than `L_max - buffer` gets `-(length - (L_max - buffer)) / buffer * factor`,
+    capped at `-factor`.
 
     **Fields:**
 
     - `inner`: the reward being shaped.
-    - `max_new_tokens`: `L_max`, the completion cap.
-    - `buffer`: `L_buf`.
-    - `factor`: the largest penalty.
+    - `buffer`: `L_buf` (`None`: a quarter of `L_max`); hyperparameter `overlong_buffer`.
+    - `factor`: the largest penalty; hyperparameter `overlong_factor`.
     """
 
     inner: AbstractReward
-    max_new_tokens: int
-    buffer: int
-    factor: float = 1.0
+    buffer: int | None = eqx.field(default=None, metadata={"hyperparameter": "overlong_buffer"})
+    factor: float = eqx.field(default=1.0, metadata={"hyperparameter": "overlong_factor"})
 
     def __check_init__(self):
-        if not 0 < self.buffer <= self.max_new_tokens:
-            raise ValueError("overlong buffer must be in (0, max_new_tokens]")
+        if self.buffer is not None and self.buffer < 1:
+            raise ValueError(f"overlong buffer must be >= 1, got {self.buffer}")
 
     def __call__(self, prompts: Prompts, completions: Completions) -> RewardOutput:
         out = self.inner(prompts, completions)
-        excess = completions.lengths.astype(jnp.float32) - (self.max_new_tokens - self.buffer)
-        penalty = -jnp.clip(excess / self.buffer, 0.0, 1.0) * self.factor
+        cap = completions.tokens.shape[1]
+        buffer = max(1, cap // 4) if self.buffer is None else self.buffer
+        if buffer > cap:
+            raise ValueError(f"overlong buffer {buffer} exceeds the completion cap {cap}")
+        excess = completions.lengths.astype(jnp.float32) - (cap - buffer)
+        penalty = -jnp.clip(excess / buffer, 0.0, 1.0) * self.factor
         parts = {**out.parts, "overlong_penalty": penalty}
         return RewardOutput(total=out.total + penalty, parts=parts)

@@ -48,7 +48,8 @@ class Sampling(AbstractRollout):
     - `group_size`: completions per prompt (`G`).
     - `max_new_tokens`: completion cap.
     - `temperature`, `top_p`, `top_k`: sampling (see `gradflow.rollout.generate`).
-    - `eos_token_ids`, `pad_token_id`: from the tokenizer.
+    - `eos_token_ids`, `pad_token_id`: from the tokenizer (`gradflow.algorithms.make` sets
+      them: they are not hyperparameters).
     """
 
     group_size: int = 8
@@ -56,8 +57,8 @@ class Sampling(AbstractRollout):
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
-    eos_token_ids: tuple[int, ...] = ()
-    pad_token_id: int = 0
+    eos_token_ids: tuple[int, ...] = eqx.field(default=(), metadata={"task": True})
+    pad_token_id: int = eqx.field(default=0, metadata={"task": True})
 
     def __check_init__(self):
         if self.group_size < 1 or self.max_new_tokens < 1:
