@@ -91,8 +91,7 @@ class ModelConfig:
     - `hidden_act`: the gated MLP's activation, `silu` or `gelu_pytorch_tanh`.
     - `query_pre_attn_scalar`: attention scores are scaled by its inverse square root (default:
       `head_dim`).
-    - `attn_logit_softcapping`, `final_logit_softcapping`: `cap · tanh(x / cap)` on the
-      attention scores / the output logits (`None`: off).
+    - `final_logit_softcapping`: `cap · tanh(x / cap)` on the output logits (`None`: off).
     - `sliding_window`: how many slots a query of a `sliding_attention` layer sees (itself
       included).
     - `layer_types`: `full_attention` or `sliding_attention` per layer (empty: all full).
@@ -117,8 +116,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     hidden_act: str = "silu"
-    query_pre_attn_scalar: float | None = None
-    attn_logit_softcapping: float | None = None
+    query_pre_attn_scalar: int | float | None = None
     final_logit_softcapping: float | None = None
     sliding_window: int | None = None
     layer_types: tuple[str, ...] = ()
@@ -215,6 +213,12 @@ class ModelConfig:
         for key in ("mlp_bias", "use_bidirectional_attention"):
             if hf.get(key, False):
                 raise ValueError(f"{source}: {key}=true is not supported")
+        if hf.get("attn_logit_softcapping") is not None:
+            # Gemma 2's; transformers' Gemma 3 keeps the field but never applies it.
+            raise ValueError(
+                f"{source}: attn_logit_softcapping={hf['attn_logit_softcapping']} is not "
+                f"supported (transformers' {family.architecture} does not apply it either)"
+            )
         act_key = "hidden_activation" if family.gemma else "hidden_act"
         act = get(act_key)
         if act not in SUPPORTED_ACTIVATIONS:
@@ -257,8 +261,7 @@ class ModelConfig:
             eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
             hidden_act=act,
             query_pre_attn_scalar=get("query_pre_attn_scalar"),
-            attn_logit_softcapping=hf.get("attn_logit_softcapping"),
-            final_logit_softcapping=hf.get("final_logit_softcapping"),
+            final_logit_softcapping=_float(hf.get("final_logit_softcapping")),
             sliding_window=sliding_window,
             layer_types=layer_types,
             rope_local_theta=local_theta,
@@ -341,7 +344,6 @@ class ModelConfig:
             hf["sliding_window"] = self.sliding_window
             hf["layer_types"] = layer_types
             hf["query_pre_attn_scalar"] = self.query_pre_attn_scalar or self.head_dim
-            hf["attn_logit_softcapping"] = self.attn_logit_softcapping
             hf["final_logit_softcapping"] = self.final_logit_softcapping
         return hf
 
@@ -377,6 +379,10 @@ class ModelConfig:
         layer = attn + 3 * d * i + norms
         head = 0 if self.tie_word_embeddings else self.vocab_size * d
         return self.vocab_size * d + self.num_layers * layer + d + head
+
+
+def _float(value: int | float | None) -> float | None:
+    return None if value is None else float(value)
 
 
 def _rope(

@@ -63,8 +63,6 @@ class Decoder(eqx.Module):
             raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
         if self.config.tie_word_embeddings != (self.lm_head is None):
             raise ValueError("lm_head must be None exactly when tie_word_embeddings is true")
-        if self.attention_impl == "cudnn" and self.config.attn_logit_softcapping is not None:
-            raise ValueError("cuDNN attention has no attn_logit_softcapping")
 
     @staticmethod
     def init(config: ModelConfig, *, key: PRNGKeyArray, dtype=jnp.float32) -> "Decoder":
@@ -118,21 +116,22 @@ class Decoder(eqx.Module):
         cos, sin = rotary_tables(config, positions)
         query_index = jnp.broadcast_to(jnp.arange(t), (b, t))
         key_valid = attention_mask.astype(bool)
-        # Scanned with each layer's weights: its window (`t`, i.e. everything, on full layers).
-        windows = None
+        # Scanned with each layer's weights: whether it slides, and its window (`t`, i.e.
+        # everything, on full layers).
+        windows = sliding = None
         if config.sliding_window is not None:
             windows = jnp.asarray([w or t for w in config.layer_windows], jnp.int32)
+            sliding = jnp.asarray([w is not None for w in config.layer_windows])
         two_ropes = windows is not None and config.rope_local_theta is not None
         if two_ropes:
             local_cos, local_sin = rotary_tables(config, positions, local=True)
 
         def body(h, xs):
-            layer, window = xs
+            layer, window, slides = xs
             layer_cos, layer_sin = cos, sin
             if two_ropes:
-                sliding = window < t
-                layer_cos = jnp.where(sliding, local_cos, cos)
-                layer_sin = jnp.where(sliding, local_sin, sin)
+                layer_cos = jnp.where(slides, local_cos, cos)
+                layer_sin = jnp.where(slides, local_sin, sin)
             q, k, v = layer.qkv(h, layer_cos, layer_sin, config)
             out = attend(
                 q,
@@ -142,7 +141,6 @@ class Decoder(eqx.Module):
                 key_valid,
                 window,
                 config.attention_scale,
-                config.attn_logit_softcapping,
                 self.attention_impl,
             )
             return layer.finish(h, out, config), (k, v) if keep_cache else None
@@ -150,7 +148,7 @@ class Decoder(eqx.Module):
         if self.remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
         embedded = embed_tokens(self.embed, input_ids, config, self.compute_dtype)
-        return jax.lax.scan(body, embedded, (self.layers, windows))
+        return jax.lax.scan(body, embedded, (self.layers, windows, sliding))
 
     def hidden_states(
         self,

@@ -148,7 +148,6 @@ class DecodingLayer(AbstractDecoderLayer):
             slot + 1,
             attention,
             config.attention_scale,
-            config.attn_logit_softcapping,
         )
         return self.finish(h, out, config), keys, values
 
@@ -171,8 +170,6 @@ class DecodingModel(eqx.Module):
     def __check_init__(self):
         if self.attention not in DECODE_ATTENTION:
             raise ValueError(f"attention must be one of {DECODE_ATTENTION}, got {self.attention!r}")
-        if self.attention == "pallas" and self.config.attn_logit_softcapping is not None:
-            raise ValueError("the Pallas decode-attention kernel has no attn_logit_softcapping")
 
     @staticmethod
     def from_decoder(model: Decoder, attention: str = "auto") -> "DecodingModel":
@@ -184,8 +181,7 @@ class DecodingModel(eqx.Module):
         - `attention`: the decode-attention implementation, one of `DECODE_ATTENTION`, or
           `"auto"`: `"pallas"` when this process drives a single GPU, `"xla"` elsewhere (the
           Pallas kernel has no rule for splitting it over a device mesh, which XLA would meet
-          by gathering the whole cache onto every device) and with attention soft-capping
-          (which the kernel lacks).
+          by gathering the whole cache onto every device).
 
         **Returns:**
 
@@ -193,8 +189,7 @@ class DecodingModel(eqx.Module):
         """
         if attention == "auto":
             single_gpu = jax.default_backend() == "gpu" and jax.device_count() == 1
-            capped = model.config.attn_logit_softcapping is not None
-            attention = "pallas" if single_gpu and not capped else "xla"
+            attention = "pallas" if single_gpu else "xla"
         dtype = model.compute_dtype
         layers = tuple(
             DecodingLayer.from_layer(jax.tree.map(lambda w, i=i: w[i], model.layers), dtype)

@@ -1,8 +1,8 @@
 """One decoder layer: RMSNorms, grouped-query attention with RoPE, a gated MLP.
 
 The layer's math is written once, in `AbstractDecoderLayer`; the family options of the config
-(q/k norms, Gemma's norms, the activation, the attention scale, soft-capping, sliding windows)
-all act there or in the two attention functions. Two final layers hold the weights: `DecoderLayer`
+(q/k norms, Gemma's norms, the activation, the attention scale, sliding windows) all act there
+or in the two attention functions; logit soft-capping acts on the LM head's output (`softcap`). Two final layers hold the weights: `DecoderLayer`
 keeps Hugging Face's layout (`[out_features, in_features]`, so checkpoint I/O is a rename) and is
 stacked along a leading axis and run with `lax.scan` by `Decoder`; `DecodingLayer`
 (`decoding.py`) holds one layer's weights fused for one-token decode steps.
@@ -94,7 +94,7 @@ def linear(
 
 
 def softcap(x: Float[Array, "*shape"], cap: float | None) -> Float[Array, "*shape"]:
-    """`cap · tanh(x / cap)` (Gemma's soft-capping of scores and logits); `x` when `cap` is None.
+    """`cap · tanh(x / cap)` (Gemma's soft-capping of the logits); `x` when `cap` is None.
 
     **Arguments:**
 
@@ -141,7 +141,6 @@ def attend(
     key_valid: Bool[Array, "batch keys"],
     window: Int[Array, ""] | None,
     scale: float,
-    cap: float | None = None,
     implementation: str | None = None,
 ) -> Float[Array, "batch time heads head_dim"]:
     """Causal grouped-query attention over key slots `0 … keys-1`.
@@ -156,9 +155,7 @@ def attend(
     - `key_valid`: which key slots hold real tokens.
     - `window`: how many slots a query sees (itself included); `None`: all before it.
     - `scale`: the factor on query·key scores.
-    - `cap`: soft-capping of the scaled scores (`softcap`); `None`: off.
-    - `implementation`: `None`/`"xla"`/`"cudnn"`, passed to `jax.nn.dot_product_attention`
-      (which serves the uncapped case; the capped one is written out in XLA).
+    - `implementation`: `None`/`"xla"`/`"cudnn"`, passed to `jax.nn.dot_product_attention`.
 
     **Returns:**
 
@@ -169,26 +166,12 @@ def attend(
     allowed = (distance >= 0) & (key_valid[:, None, :] | (distance == 0))
     if window is not None:
         allowed = allowed & (distance < window)
-    if cap is None:
-        # jax's XLA attention promotes bfloat16 against float32 internally, which strict
-        # promotion (used in tests) rejects; the result is the same under standard promotion.
-        with jax.numpy_dtype_promotion("standard"):
-            return jax.nn.dot_product_attention(
-                q,
-                k,
-                v,
-                mask=allowed[:, None, :, :],
-                scale=scale,
-                implementation=implementation,
-            )
-    b, t, heads, head_dim = q.shape
-    kv_heads = k.shape[2]
-    grouped = q.reshape(b, t, kv_heads, heads // kv_heads, head_dim)
-    scores = jnp.einsum("btkgd,bskd->bkgts", grouped, k, preferred_element_type=jnp.float32)
-    scores = softcap(scores * jnp.float32(scale), cap)
-    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, heads, head_dim)
+    # jax's XLA attention promotes bfloat16 against float32 internally, which strict promotion
+    # (used in tests) rejects; the result is the same under standard promotion.
+    with jax.numpy_dtype_promotion("standard"):
+        return jax.nn.dot_product_attention(
+            q, k, v, mask=allowed[:, None, :, :], scale=scale, implementation=implementation
+        )
 
 
 DECODE_ATTENTION = ("xla", "pallas")
@@ -206,7 +189,6 @@ def attend_cache(
     end: Int[Array, ""],
     implementation: str,
     scale: float,
-    cap: float | None = None,
 ) -> Float[Array, "batch heads head_dim"]:
     """Grouped-query attention of one query per row over the cache slots `start[b] … end-1`.
 
@@ -214,8 +196,7 @@ def attend_cache(
       values runs in the cache's dtype, as `jax.nn.dot_product_attention` does it.
     - `"pallas"` runs JAX's Pallas decode-attention kernel (Triton, GPU only; interpreted on
       other backends, for tests): one pass over blocks of `PALLAS_BLOCK` slots that reads only
-      the blocks holding slots before `end`, with an online float32 softmax. It has no
-      soft-capping.
+      the blocks holding slots before `end`, with an online float32 softmax.
 
     **Arguments:**
 
@@ -226,7 +207,6 @@ def attend_cache(
     - `end`: one past the newest slot (the same for every row).
     - `implementation`: one of `DECODE_ATTENTION`.
     - `scale`: the factor on query·key scores.
-    - `cap`: soft-capping of the scaled scores (`softcap`); `None`: off.
 
     **Returns:**
 
@@ -235,8 +215,6 @@ def attend_cache(
     batch, heads, head_dim = q.shape
     kv_heads, slots = keys.shape[1], keys.shape[2]
     if implementation == "pallas":
-        if cap is not None:
-            raise ValueError("the Pallas decode-attention kernel has no attention soft-capping")
         from jax.experimental.pallas.ops.gpu.decode_attention import gqa
 
         # The kernel mixes dtypes internally (see `attend`) and returns its float32 normaliser's
@@ -258,7 +236,6 @@ def attend_cache(
     scores = jnp.einsum(
         "bkgd,bksd->bkgs", grouped, keys, preferred_element_type=jnp.float32
     ) * jnp.float32(scale)
-    scores = softcap(scores, cap)
     index = jnp.arange(slots)
     allowed = (index[None, :] >= start[:, None]) & (index < end)[None, :]
     scores = jnp.where(allowed[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
