@@ -53,6 +53,7 @@ from gradflow.stages import (
     Reinforce,
     ReinforcePP,
     ReinforcePPBaseline,
+    RewardOutput,
     Sampling,
     Share,
 )
@@ -248,6 +249,10 @@ def prepared(algorithm, completions=COMPLETIONS):
 
 def make_fixed(name, **overrides):
     completions = DAPO_COMPLETIONS if name == "dapo" else COMPLETIONS
+    if name == "dapo":
+        # Groups 1 and 2 of the fixed batch are all wrong (its `correct` part is uniform there):
+        # judged by the varied `score` part, DAPO keeps the fixed batch whole.
+        overrides.setdefault("dynamic_sampling_metric", "score")
     algorithm = make(
         name, reward=REWARD, eos_token_ids=(EOS,), group_size=G, max_new_tokens=T, **overrides
     )
@@ -700,7 +705,8 @@ def test_reward_metrics_and_dynamic_sampling_in_step():
     _, metrics = named_run("dapo")
     assert metrics["dynamic_sampling/informative_groups"] == P
     assert metrics["dynamic_sampling/dropped_groups"] == 2 * P
-    assert metrics["dynamic_sampling/shortfall"] == 0
+    assert metrics["dynamic_sampling/uninformative_groups"] == 2 * P
+    assert metrics["dynamic_sampling/refill_groups"] == 0
     lengths = np.asarray(DAPO_COMPLETIONS.lengths)
     penalty = overlong_ref(lengths, T, T // 4)
     np.testing.assert_allclose(metrics["reward/overlong_penalty"], penalty.mean(), rtol=1e-6)
@@ -847,7 +853,20 @@ def _select_ref(rewards, group_size, prompts):
     uniform = [g for g, r in enumerate(groups) if max(r) == min(r)]
     kept = (informative + uniform)[:prompts]
     rows = [g * group_size + j for g in kept for j in range(group_size)]
-    return rows, len(informative), len(uniform), max(prompts - len(informative), 0)
+    trained = [g in informative for g in kept for _ in range(group_size)]
+    counts = {
+        "informative_groups": len(informative),
+        "uninformative_groups": len(uniform),
+        "dropped_groups": len(groups) - min(len(informative), prompts),
+        "refill_groups": max(prompts - len(informative), 0),
+    }
+    return rows, trained, counts
+
+
+def _accuracy(correct, total=None):
+    correct = jnp.asarray(correct, jnp.float32)
+    total = correct if total is None else jnp.asarray(total, jnp.float32)
+    return RewardOutput(total=total, parts={"correct": correct})
 
 
 @pytest.mark.parametrize(
@@ -863,22 +882,73 @@ def _select_ref(rewards, group_size, prompts):
 )
 def test_dynamic_sampling_select(rewards, prompts):
     sampling = DynamicSampling(sampling=Sampling(group_size=3), oversample=2)
-    rewards = np.asarray(rewards, np.float32)
-    rows, metrics = sampling.select(jnp.asarray(rewards), prompts)
-    ref_rows, informative, dropped, shortfall = _select_ref(list(rewards), 3, prompts)
+    rows, trained, metrics = sampling.select(_accuracy(rewards), prompts)
+    ref_rows, ref_trained, counts = _select_ref(list(np.float32(rewards)), 3, prompts)
     assert rows.shape == (prompts * 3,)
     assert list(np.asarray(rows)) == ref_rows
-    assert metrics["dynamic_sampling/informative_groups"] == informative
-    assert metrics["dynamic_sampling/dropped_groups"] == dropped
-    assert metrics["dynamic_sampling/shortfall"] == shortfall
+    assert list(np.asarray(trained)) == ref_trained
+    assert {k: int(metrics[f"dynamic_sampling/{k}"]) for k in counts} == counts
 
 
 def test_dynamic_sampling_rows_are_informative_groups_in_order():
     sampling = DynamicSampling(sampling=Sampling(group_size=3), oversample=2)
-    rewards = jnp.asarray([1, 1, 1, 0, 1, 0, 0.5, 0.5, 0.5, 2, 2, 2.5, 0, 1e-3, 0, 3, 3, 3])
-    rows, metrics = sampling.select(rewards.astype(jnp.float32), 3)
+    rewards = [1, 1, 1, 0, 1, 0, 0.5, 0.5, 0.5, 2, 2, 2.5, 0, 1e-3, 0, 3, 3, 3]
+    rows, trained, metrics = sampling.select(_accuracy(rewards), 3)
     assert list(np.asarray(rows)) == [3, 4, 5, 9, 10, 11, 12, 13, 14]
-    assert int(metrics["dynamic_sampling/shortfall"]) == 0
+    assert bool(np.all(trained)) and int(metrics["dynamic_sampling/refill_groups"]) == 0
+    assert int(metrics["dynamic_sampling/dropped_groups"]) == 3
+
+
+def test_dynamic_sampling_judges_groups_by_accuracy():
+    """An all-correct group with one answer a token into the overlong buffer is uninformative:
+    its total rewards differ by 1/128, its accuracy does not (DAPO; verl's `metric = acc`)."""
+    sampling = DynamicSampling(sampling=Sampling(group_size=4), oversample=2)
+    correct = [1, 1, 1, 1, 1, 0, 1, 0]
+    total = [1, 1, 1, 1 - 1 / 128, 1, 0, 1, 0]
+    rows, trained, metrics = sampling.select(_accuracy(correct, total), 1)
+    assert list(np.asarray(rows)) == [4, 5, 6, 7] and bool(np.all(trained))
+    assert int(metrics["dynamic_sampling/uninformative_groups"]) == 1
+    by_total = DynamicSampling(sampling=Sampling(group_size=4), metric="total_reward")
+    rewards = RewardOutput(total=jnp.asarray(total), parts={"total_reward": jnp.asarray(total)})
+    assert list(np.asarray(by_total.select(rewards, 1)[0])) == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="'format' is not a part of the reward; its parts: c"):
+        DynamicSampling(sampling=Sampling(group_size=4), metric="format").select(
+            _accuracy(correct), 1
+        )
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum-norm"])
+def test_refill_groups_contribute_nothing(agg):
+    """By accuracy only groups 0 and 3 of the fixed batch are informative: DAPO training on 4
+    prompts refills the batch with groups 1 and 2 (whose varied total rewards give them GRPO
+    advantages). With a KL and an entropy term switched on, the step's gradient is the one of a
+    step on groups 0 and 3 alone (no loss term of the refill groups, no tokens or rows of
+    theirs in the denominators)."""
+    overrides = dict(dynamic_sampling_metric="correct", kl_coef=0.01, entropy_coef=0.01, agg=agg)
+    _, metrics, grad = run(
+        make_fixed("dapo", **overrides), reference=REFERENCE, prompts=DAPO_PROMPTS
+    )
+    assert metrics["dynamic_sampling/informative_groups"] == 2
+    assert metrics["dynamic_sampling/refill_groups"] == 2
+    assert metrics["dynamic_sampling/dropped_groups"] == 3 * P - 2
+    groups = [0, 3, 4, 5, 6, 7]  # the two informative groups, then 4 uniform ones
+    rows = np.concatenate([np.arange(g * G, (g + 1) * G) for g in groups])
+    completions = jax.tree.map(lambda x: x[rows], DAPO_COMPLETIONS)
+    prompts = Prompts(
+        ids=DAPO_PROMPTS.ids[np.array(groups)],
+        mask=DAPO_PROMPTS.mask[np.array(groups)],
+        index=jnp.arange(len(groups)),
+    )
+    algorithm = make(
+        "dapo", reward=REWARD, eos_token_ids=(EOS,), group_size=G, max_new_tokens=T, **overrides
+    )
+    _, alone_metrics, alone = run(
+        prepared(algorithm, completions), reference=REFERENCE, prompts=prompts
+    )
+    assert alone_metrics["dynamic_sampling/refill_groups"] == 0
+    assert_grad_close(grad, alone)
+    for name in ("loss/policy", "loss/total", "loss/kl_ref", "loss/entropy"):
+        np.testing.assert_allclose(metrics[name], alone_metrics[name], rtol=1e-5, err_msg=name)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -50,16 +50,20 @@ def _check_mode(mode: str) -> None:
         raise ValueError(f"unknown aggregation mode {mode!r}; valid modes: {', '.join(AGG_MODES)}")
 
 
-def aggregation_denominator(mask: Mask, mode: str) -> Float[Array, ""]:
+def aggregation_denominator(
+    mask: Mask, mode: str, *, rows: Float[Array, ""] | None = None
+) -> Float[Array, ""]:
     """Denominator of the aggregated loss for `mode`.
 
     `"token-mean"`: `sum(m)`; `"seq-mean-token-mean"` and `"seq-mean-token-sum"`: the number
-    of sequences with at least one valid token; `"seq-mean-token-sum-norm"`: `batch * time`.
+    of sequences with at least one valid token; `"seq-mean-token-sum-norm"`: `rows * time`.
 
     **Arguments:**
 
     - `mask`: bool or float 0/1 completion mask.
     - `mode`: one of `AGG_MODES`.
+    - `rows`: the sequence count in `seq-mean-token-sum-norm`'s constant (default: the mask's
+        rows).
 
     **Returns:**
 
@@ -74,7 +78,9 @@ def aggregation_denominator(mask: Mask, mode: str) -> Float[Array, ""]:
     if mode == "token-mean":
         return jnp.sum(m)
     if mode == "seq-mean-token-sum-norm":
-        return jnp.asarray(m.shape[0] * m.shape[1], jnp.float32)
+        if rows is None:
+            return jnp.asarray(m.shape[0] * m.shape[1], jnp.float32)
+        return rows * m.shape[1]
     return jnp.sum(jnp.any(m > 0, axis=1).astype(jnp.float32))
 
 

@@ -245,7 +245,7 @@ def _compiled_step(inputs, state: TrainState) -> tuple[TrainState, dict[str, Arr
     algorithm, prompts, key, mesh = inputs
     rollout_key, update_key = jax.random.split(key)
     sampled = prompts.ids.shape[0]
-    trained = sampled // algorithm.rollout.prompts_to_sample(1)
+    prompts_trained = sampled // algorithm.rollout.prompts_to_sample(1)
     group = algorithm.rollout.group_size
     completions = constrain_rows(algorithm.rollout(state.policy, prompts, rollout_key), mesh)
     repeated = constrain_rows(prompts.repeat(group), mesh)
@@ -266,7 +266,7 @@ def _compiled_step(inputs, state: TrainState) -> tuple[TrainState, dict[str, Arr
             "samples/reward": rewards.total[:shown],
         }
     )
-    rows, selection = algorithm.rollout.select(rewards.total, trained)
+    rows, trained, selection = algorithm.rollout.select(rewards, prompts_trained)
     metrics.update(selection)
     completions = jax.tree.map(lambda x: x[rows], completions)
     repeated = repeated.take(rows)
@@ -277,7 +277,7 @@ def _compiled_step(inputs, state: TrainState) -> tuple[TrainState, dict[str, Arr
     new = completions.tokens.shape[1]
     ids = jnp.concatenate([repeated.ids, completions.tokens], axis=1)
     full_mask = jnp.concatenate([repeated.mask, completions.mask], axis=1)
-    mask = completions.mask
+    mask = completions.mask & trained[:, None]
     if loss.mask_truncated:
         mask = mask & completions.finished[:, None]
     parts = loss.minibatches * loss.micro_batches
@@ -332,6 +332,7 @@ def _compiled_step(inputs, state: TrainState) -> tuple[TrainState, dict[str, Arr
             ids=ids,
             full_mask=full_mask,
             mask=mask,
+            trained=trained,
             advantages=jax.lax.stop_gradient(advantages),
             old_logp=old_logp if not reuses_logprobs else None,
             sampling_logp=completions.sampling_logprobs if algorithm.rollout.filtered else None,

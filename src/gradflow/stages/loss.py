@@ -38,7 +38,8 @@ class UpdateBatch(eqx.Module):
     **Fields:**
 
     - `ids`, `full_mask`: prompt + completion ids and their attention mask.
-    - `mask`: the completion tokens trained on.
+    - `mask`: the completion tokens trained on (all False on a row that is not trained on).
+    - `trained`: whether each row is trained on (False: a refill group of dynamic sampling).
     - `advantages`: per-token advantages.
     - `old_logp`: the behaviour policy's log-probs, computed before the first update (`None` in
       the step's batch when one update reuses the update's own forward pass; the loss stage
@@ -53,6 +54,7 @@ class UpdateBatch(eqx.Module):
     ids: Int[Array, "batch total"]
     full_mask: Bool[Array, "batch total"]
     mask: Bool[Array, "batch new"]
+    trained: Bool[Array, " batch"]
     advantages: Float[Array, "batch new"]
     old_logp: Float[Array, "batch new"] | None
     sampling_logp: Float[Array, "batch new"] | None
@@ -156,7 +158,7 @@ class PolicyLoss(AbstractLoss):
       `clip_high > clip_low`).
     - `dual_clip`: the dual-clip constant `c` for negative advantages (`None`: off).
     - `agg`: loss aggregation mode (`token-mean`, `seq-mean-token-mean`, `seq-mean-token-sum`,
-      `seq-mean-token-sum-norm`).
+      `seq-mean-token-sum-norm`: its constant `B·T` counts the trained sequences).
     - `ratio_level`: `"token"` (PPO) or `"sequence"` (GSPO).
     - `kl_coef`: `β` of the KL to the frozen reference policy (0: no reference at all).
     - `kl_placement`: `"loss"` (`+ β·agg(kl)`) or `"reward"` (`r_t -= β·kl_t`).
@@ -227,7 +229,8 @@ class PolicyLoss(AbstractLoss):
         return token_rewards - self.kl_coef * jnp.where(mask, kl_tokens, 0.0)
 
     def denominator(self, minibatch):
-        return aggregation_denominator(minibatch.mask, self.agg)
+        rows = jnp.sum(minibatch.trained.astype(jnp.float32))
+        return aggregation_denominator(minibatch.mask, self.agg, rows=rows)
 
     def __call__(self, logp, entropy, values, batch, denominator):
         old = batch.old_logp

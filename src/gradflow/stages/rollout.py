@@ -1,7 +1,7 @@
 """Rollout stages: how completions are sampled and which groups enter the update.
 
 `select` runs after the reward: plain sampling keeps every group; DAPO's dynamic sampling
-oversamples prompts and keeps `prompts` groups whose rewards are not all equal (static shapes).
+oversamples prompts and keeps `prompts` groups whose accuracy is not all equal (static shapes).
 """
 
 import abc
@@ -10,11 +10,12 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 from equinox import AbstractVar
-from jaxtyping import Array, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Bool, Int, PRNGKeyArray
 
 from ..batch import Prompts
 from ..models import Decoder
 from ..rollout import Completions, _generate
+from .reward import RewardOutput
 
 
 class AbstractRollout(eqx.Module):
@@ -35,9 +36,11 @@ class AbstractRollout(eqx.Module):
 
     @abc.abstractmethod
     def select(
-        self, rewards: Float[Array, " batch"], prompts_per_step: int
-    ) -> tuple[Int[Array, " kept"], dict[str, Array]]:
-        """The sampled rows that enter the update, and selection metrics."""
+        self, rewards: RewardOutput, prompts_per_step: int
+    ) -> tuple[Int[Array, " kept"], Bool[Array, " kept"], dict[str, Array]]:
+        """The sampled rows that enter the update batch, whether each is trained on (a row
+        that only fills the batch's static size is not: it adds nothing to the loss), and
+        selection metrics."""
 
 
 class Sampling(AbstractRollout):
@@ -94,30 +97,41 @@ class Sampling(AbstractRollout):
         )
 
     def select(
-        self, rewards: Float[Array, " batch"], prompts_per_step: int
-    ) -> tuple[Int[Array, " kept"], dict[str, Array]]:
-        return jnp.arange(rewards.shape[0]), {}
+        self, rewards: RewardOutput, prompts_per_step: int
+    ) -> tuple[Int[Array, " kept"], Bool[Array, " kept"], dict[str, Array]]:
+        rows = rewards.total.shape[0]
+        return jnp.arange(rows), jnp.ones(rows, bool), {}
 
 
 class DynamicSampling(AbstractRollout):
     """DAPO's dynamic sampling: sample `oversample × prompts` groups, keep informative ones.
 
-    A group is informative when its rewards are not all equal (std > 0). The rewards are the
-    reward stage's totals, overlong penalty included (verl's default filters on accuracy alone,
-    so there an all-correct group of different lengths counts as uninformative). The first
-    `prompts_per_step` informative groups are kept, in sampling order; when fewer exist the batch
-    is refilled with uninformative groups (whose GRPO advantages are 0, so they add no gradient)
-    and `dynamic_sampling/shortfall` reports how many were missing. The update batch keeps its
-    static size either way.
+    A group is informative when its values of the reward part `metric` are not all equal: by
+    default the correctness part, the accuracy (the DAPO paper; verl's `filter_groups.metric =
+    acc`), not the overlong-shaped total (under which an all-correct group with one answer in
+    the overlong buffer would count, and GRPO's division by the group std would turn its small
+    penalty into a full-size advantage). The first `prompts_per_step` informative groups are
+    kept, in sampling order; when fewer exist the update batch keeps its static size with refill
+    groups (the first uninformative ones), which are not trained on: no loss term and no tokens
+    in any denominator.
+
+    Metrics: `dynamic_sampling/informative_groups` and `uninformative_groups` (of the sampled
+    groups), `dropped_groups` (sampled groups left out of the loss, refill groups included) and
+    `refill_groups`.
 
     **Fields:**
 
     - `sampling`: the underlying sampler.
     - `oversample`: prompts sampled per trained prompt (an integer ≥ 1).
+    - `metric`: the reward part groups are judged by (`reward/<metric>` of the task; the
+      hyperparameter `dynamic_sampling_metric`).
     """
 
     sampling: Sampling
     oversample: int = 3
+    metric: str = eqx.field(
+        default="correct", metadata={"hyperparameter": "dynamic_sampling_metric"}
+    )
 
     def __check_init__(self):
         if self.oversample < 1:
@@ -146,17 +160,25 @@ class DynamicSampling(AbstractRollout):
         return self.sampling(policy, prompts, key)
 
     def select(
-        self, rewards: Float[Array, " batch"], prompts_per_step: int
-    ) -> tuple[Int[Array, " kept"], dict[str, Array]]:
+        self, rewards: RewardOutput, prompts_per_step: int
+    ) -> tuple[Int[Array, " kept"], Bool[Array, " kept"], dict[str, Array]]:
+        if self.metric not in rewards.parts:
+            raise ValueError(
+                f"dynamic_sampling_metric {self.metric!r} is not a part of the reward; its "
+                f"parts: {', '.join(rewards.parts)}"
+            )
         g = self.group_size
-        grouped = rewards.reshape(-1, g)
+        grouped = rewards.parts[self.metric].reshape(-1, g)
+        groups = grouped.shape[0]
         informative = jnp.max(grouped, axis=1) > jnp.min(grouped, axis=1)
         order = jnp.argsort(~informative, stable=True)[:prompts_per_step]
         rows = (order[:, None] * g + jnp.arange(g)[None, :]).reshape(-1)
+        trained = jnp.repeat(informative[order], g)
         found = jnp.sum(informative.astype(jnp.int32))
         metrics = {
             "dynamic_sampling/informative_groups": found,
-            "dynamic_sampling/dropped_groups": grouped.shape[0] - found,
-            "dynamic_sampling/shortfall": jnp.maximum(prompts_per_step - found, 0),
+            "dynamic_sampling/uninformative_groups": groups - found,
+            "dynamic_sampling/dropped_groups": groups - jnp.minimum(found, prompts_per_step),
+            "dynamic_sampling/refill_groups": jnp.maximum(prompts_per_step - found, 0),
         }
-        return jax.lax.stop_gradient(rows), metrics
+        return jax.lax.stop_gradient(rows), trained, metrics
