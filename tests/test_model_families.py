@@ -196,10 +196,11 @@ def test_sliding_window_hides_only_what_lies_outside_it(checkpoints, prompts):
 # Reading config.json as transformers does.
 
 
-def test_older_gemma3_config_reads_as_transformers_does():
+def test_configs_leaving_fields_out_read_as_transformers_does():
     """The Hub's older Gemma 3 format (top-level `rope_theta`, `rope_local_base_freq`,
     `rope_scaling`, `sliding_window_pattern`, no `layer_types`), with fields left to the
-    class defaults (`head_dim`, `query_pre_attn_scalar`, the tied head)."""
+    class defaults (`head_dim`, `query_pre_attn_scalar`, the tied head); Mistral's default
+    window and Qwen3's default `head_dim`."""
     hf = {
         "model_type": "gemma3_text",
         "vocab_size": 64,
@@ -229,6 +230,8 @@ def test_older_gemma3_config_reads_as_transformers_does():
     assert (
         ModelConfig.from_hf(mistral).sliding_window == transformers.MistralConfig().sliding_window
     )
+    qwen3 = {**mistral, "model_type": "qwen3"}
+    assert ModelConfig.from_hf(qwen3).head_dim == transformers.Qwen3Config(**qwen3).head_dim == 128
 
 
 def _config(checkpoints, name: str) -> dict:

@@ -1,4 +1,5 @@
-"""The Qwen2/Llama decoder in equinox, its KV cache and HF checkpoint I/O."""
+"""The decoder in equinox (Qwen2/2.5/3, Llama, Mistral and Gemma 3 text as typed options), its KV
+cache, decoding layout and HF checkpoint I/O."""
 
 from .config import ModelConfig
 from .decoder import Decoder, positions_from_mask
