@@ -56,6 +56,7 @@ from gradflow.stages import (
     RewardOutput,
     Sampling,
     Share,
+    UpdateBatch,
 )
 from gradflow.state import init_state
 from gradflow.step import step
@@ -519,6 +520,9 @@ def _other_value(key, value):
         "schedule": "cosine",
         "overlong_buffer": 3,
         "dual_clip": 5.0,
+        "dynamic_sampling_metric": "score",
+        "rollout_correction": "token_tis",
+        "rollout_correction_threshold": 3.0,
     }
     if key.removeprefix("critic_") in special:
         return special[key.removeprefix("critic_")]
@@ -532,7 +536,11 @@ def _other_value(key, value):
 
 
 # Hyperparameters whose stage field has another name.
-FIELD_NAMES = {"overlong_buffer": {"buffer"}, "overlong_factor": {"factor"}}
+FIELD_NAMES = {
+    "overlong_buffer": {"buffer"},
+    "overlong_factor": {"factor"},
+    "dynamic_sampling_metric": {"metric"},
+}
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -1035,3 +1043,107 @@ def test_logged_learning_rate_follows_the_optimizer_past_skipped_updates():
         assert metrics["update/skipped"] == 1
         rates.append(float(metrics["learning_rate"]))
     assert rates == [0.0, 0.0]
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. Sampler-trainer mismatch (rollout correction).
+
+
+def _correction_weights(mode, ratio, mask, threshold=2.0):
+    """The weights `docs/algorithms.md` defines for each rollout correction (numpy)."""
+    if mode == "none":
+        return np.ones_like(ratio)
+    if mode == "token_tis":
+        return np.minimum(ratio, threshold)
+    if mode == "token_mask":
+        return np.where(ratio > threshold, 0.0, ratio)
+    seq = np.exp((np.log(ratio) * mask).sum(1, keepdims=True)) * np.ones_like(ratio)
+    return np.where(seq > threshold, 0.0, seq)
+
+
+@pytest.mark.parametrize("mode", ["none", "token_tis", "token_mask", "sequence_mask"])
+def test_rollout_correction_weights(mode):
+    """At ratio 1 the policy loss's gradient per token is `-A_t · w_t / Σm`, with `w` the
+    correction of `ρ_t = π_old(y_t) / π_sampler(y_t)`; its metrics are the ratio's mean and
+    max and the fraction truncated or masked."""
+    rng = np.random.RandomState(13)
+    mask = rng.rand(B, T) < 0.8
+    ratio = np.exp(rng.normal(0.0, 0.6, (B, T)))
+    logp = rng.normal(-2.0, 0.5, (B, T))
+    advantages = rng.normal(size=(B, T)) * mask
+    batch = UpdateBatch(
+        ids=jnp.zeros((B, T + 1), jnp.int32),
+        full_mask=jnp.ones((B, T + 1), bool),
+        mask=jnp.asarray(mask),
+        trained=jnp.ones(B, bool),
+        advantages=jnp.asarray(advantages, jnp.float32),
+        old_logp=jnp.asarray(logp, jnp.float32),
+        sampling_logp=None,
+        sampler_logp=jnp.asarray(logp - np.log(ratio), jnp.float32),
+        ref_logp=None,
+        old_values=None,
+        returns=None,
+    )
+    loss = PolicyLoss(rollout_correction=mode)
+    denominator = loss.denominator(batch)
+
+    def objective(logp):
+        return loss(logp, jnp.zeros((B, T)), None, batch, denominator)
+
+    grad, metrics = jax.grad(objective, has_aux=True)(jnp.asarray(logp, jnp.float32))
+    weights = _correction_weights(mode, ratio, mask)
+    expected = -advantages * weights * mask / mask.sum()
+    np.testing.assert_allclose(np.asarray(grad), expected, rtol=2e-4, atol=1e-7)
+    reduced = {k: float(v.reduce()) for k, v in metrics.items() if k.startswith("rollout/")}
+    np.testing.assert_allclose(reduced["rollout/is_mean"], ratio[mask].mean(), rtol=1e-4)
+    np.testing.assert_allclose(reduced["rollout/is_max"], ratio[mask].max(), rtol=1e-4)
+    if mode == "token_tis":
+        np.testing.assert_allclose(reduced["rollout/is_truncated"], (ratio > 2)[mask].mean())
+    elif mode != "none":
+        masked = (weights == 0)[mask].mean()
+        assert 0 < masked < 1
+        np.testing.assert_allclose(reduced["rollout/is_masked"], masked, rtol=1e-6)
+    else:
+        assert not {"rollout/is_truncated", "rollout/is_masked"} & set(reduced)
+
+
+def test_rollout_correction_in_step():
+    """`token_tis` in a GRPO step: the sampler's log-probs (`Completions.logprobs`, at
+    temperature 1) against the recomputed ones weigh each token by `min(ρ, 2)`; the step logs
+    the trainer-sampler log-prob gap."""
+    ratio = np.exp(np.random.RandomState(14).normal(0.0, 0.7, (B, T)))
+    completions = dataclasses.replace(
+        COMPLETIONS, logprobs=jnp.asarray(logprobs_of(MODEL) - np.log(ratio), jnp.float32)
+    )
+    algorithm = make("grpo", reward=REWARD, eos_token_ids=(EOS,), group_size=G, max_new_tokens=T)
+    algorithm = eqx.tree_at(lambda a: a.loss.rollout_correction, algorithm, "token_tis")
+    _, metrics, grad = run(prepared(algorithm, completions))
+    advantages = grpo_advantages_ref()
+    expected = expected_grad(advantages * np.minimum(ratio, 2.0))
+    assert_grad_close(grad, expected)
+    assert relative_gap(expected, expected_grad(advantages)) > 0.05
+    np.testing.assert_allclose(metrics["rollout/is_truncated"], (ratio > 2)[MASK].mean())
+    gap = np.abs(np.log(ratio))[MASK].mean()
+    np.testing.assert_allclose(metrics["rollout/logprob_abs_diff"], gap, rtol=1e-4)
+
+
+def test_logprob_gap_at_another_temperature_compares_tempered_log_probs():
+    """At temperature 0.7 the trainer's tempered log-probs are compared with the sampler's
+    tempered ones (`sampling_logprobs`, no filter)."""
+    tempered = completion_logprobs(MODEL, IDS, FULL_MASK, PROMPT_LEN, temperature=0.7)[0]
+    shift = np.random.RandomState(15).uniform(-0.3, 0.3, (B, T))
+    completions = dataclasses.replace(
+        COMPLETIONS, sampling_logprobs=jnp.asarray(np.asarray(tempered) + shift, jnp.float32)
+    )
+    algorithm = make(
+        "reinforce",
+        reward=REWARD,
+        eos_token_ids=(EOS,),
+        group_size=G,
+        max_new_tokens=T,
+        temperature=0.7,
+    )
+    _, metrics, _ = run(prepared(algorithm, completions))
+    np.testing.assert_allclose(
+        metrics["rollout/logprob_abs_diff"], np.abs(shift)[MASK].mean(), rtol=1e-4
+    )

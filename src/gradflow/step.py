@@ -26,7 +26,7 @@ from .critic import Critic
 from .logprobs import completion_logprobs
 from .models import Decoder
 from .sharding import constrain_replicated, constrain_rows, constrain_state
-from .stages import UpdateBatch
+from .stages import Mean, UpdateBatch
 from .state import TrainState
 
 SAMPLES_LOGGED = 4
@@ -82,7 +82,23 @@ def _objective(
             lambda b: b.old_logp, micro, jax.lax.stop_gradient(logp), is_leaf=lambda x: x is None
         )
     values = None if critic is None else critic.values(micro.ids, micro.full_mask, prompt_len)
-    return loss(logp, entropy, values, micro, denominator)
+    objective, metrics = loss(logp, entropy, values, micro, denominator)
+    if micro.sampler_logp is not None:
+        m = micro.mask.astype(jnp.float32)
+        diff = jnp.where(micro.mask, jnp.abs(micro.old_logp - micro.sampler_logp), 0.0)
+        metrics["rollout/logprob_abs_diff"] = Mean(jnp.sum(diff), jnp.sum(m))
+    return objective, metrics
+
+
+def _sampler_logprobs(algorithm: Algorithm, completions) -> Float[Array, "batch new"] | None:
+    """The sampler's log-probs of the sampled tokens under the policy at the training
+    temperature, unfiltered: what the trainer recomputes (`None` with top-k/top-p at a
+    temperature other than 1, whose tempered unfiltered log-probs the sampler does not keep)."""
+    if _training_temperature(algorithm) == 1.0:
+        return completions.logprobs
+    if not algorithm.rollout.filtered:
+        return completions.sampling_logprobs
+    return None
 
 
 def _training_temperature(algorithm: Algorithm) -> float:
@@ -302,11 +318,6 @@ def _compiled_step(inputs, state: TrainState) -> tuple[TrainState, dict[str, Arr
     reuses_logprobs = loss.epochs * loss.minibatches == 1
     if not reuses_logprobs or loss.needs_old_logprobs:
         old_logp = jax.lax.stop_gradient(logprobs_of(state.policy))
-        if _training_temperature(algorithm) == 1.0:
-            # the sampler's log-probs are those of the untempered policy
-            metrics["rollout/logprob_abs_diff"] = _masked_mean(
-                jnp.abs(old_logp - completions.logprobs), mask
-            )
     ref_logp = None
     if state.reference is not None:
         ref_logp = jax.lax.stop_gradient(logprobs_of(state.reference))
@@ -336,6 +347,7 @@ def _compiled_step(inputs, state: TrainState) -> tuple[TrainState, dict[str, Arr
             advantages=jax.lax.stop_gradient(advantages),
             old_logp=old_logp if not reuses_logprobs else None,
             sampling_logp=completions.sampling_logprobs if algorithm.rollout.filtered else None,
+            sampler_logp=_sampler_logprobs(algorithm, completions),
             ref_logp=ref_logp,
             old_values=old_values,
             returns=None if returns is None else jax.lax.stop_gradient(returns),

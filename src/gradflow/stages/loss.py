@@ -7,7 +7,7 @@ made of (policy loss, importance weights, KL to the reference in the loss or in 
 entropy bonus, value loss) is the loss stage's.
 
 A metric a loss returns says how it combines over the micro-batches and updates of a step
-(`Mean`, `Share`), so a new metric of a user-written loss is reduced right.
+(`Mean`, `Share`, `Max`), so a new metric of a user-written loss is reduced right.
 """
 
 import abc
@@ -30,6 +30,7 @@ from ..losses import (
 )
 
 KL_PLACEMENTS = ("loss", "reward")
+ROLLOUT_CORRECTIONS = ("none", "token_tis", "token_mask", "sequence_mask")
 
 
 class UpdateBatch(eqx.Module):
@@ -46,6 +47,9 @@ class UpdateBatch(eqx.Module):
       always sees them, as `stop_gradient(logp)` then).
     - `sampling_logp`: log-probs of the distribution the tokens were drawn from, when it is
       top-k/top-p truncated (`None` otherwise).
+    - `sampler_logp`: the sampler's log-probs of the tokens under the policy at the training
+      temperature, unfiltered (what `old_logp` recomputes; `None` when the sampler cannot give
+      them: top-k/top-p at a temperature other than 1).
     - `ref_logp`: the frozen reference's log-probs (`None` without a reference).
     - `old_values`, `returns`: the critic's values before the update and its targets (`None`
       without a critic).
@@ -58,6 +62,7 @@ class UpdateBatch(eqx.Module):
     advantages: Float[Array, "batch new"]
     old_logp: Float[Array, "batch new"] | None
     sampling_logp: Float[Array, "batch new"] | None
+    sampler_logp: Float[Array, "batch new"] | None
     ref_logp: Float[Array, "batch new"] | None
     old_values: Float[Array, "batch new"] | None
     returns: Float[Array, "batch new"] | None
@@ -94,6 +99,15 @@ class Share(AbstractMetric):
 
     def reduce(self) -> Float[Array, ""]:
         return jnp.mean(jnp.sum(self.value, axis=-1))
+
+
+class Max(AbstractMetric):
+    """The largest value over every micro-batch and update."""
+
+    value: Float[Array, "*stack"]
+
+    def reduce(self) -> Float[Array, ""]:
+        return jnp.max(self.value)
 
 
 class AbstractLoss(eqx.Module):
@@ -147,6 +161,38 @@ class AbstractLoss(eqx.Module):
         the critic's values, when the state has a critic)."""
 
 
+def _importance_weights(
+    rollout_correction: str,
+    threshold: float,
+    old_logp: Float[Array, "batch new"],
+    sampler_logp: Float[Array, "batch new"],
+    mask: Bool[Array, "batch new"],
+) -> tuple[Float[Array, "batch new"] | None, dict[str, AbstractMetric]]:
+    """Rollout-correction weights `w` from `ρ_t = π_old(y_t) / π_sampler(y_t)` and their metrics."""
+    m = mask.astype(jnp.float32)
+    tokens = jnp.sum(m)
+    log_ratio = jnp.where(mask, old_logp - sampler_logp, 0.0)
+    ratio = jnp.exp(jnp.clip(log_ratio, -20.0, 20.0))
+    metrics: dict[str, AbstractMetric] = {
+        "rollout/is_mean": Mean(jnp.sum(ratio * m), tokens),
+        "rollout/is_max": Max(jnp.max(jnp.where(mask, ratio, 0.0))),
+    }
+    if rollout_correction == "none":
+        return None, metrics
+    if rollout_correction == "token_tis":
+        weights = jnp.minimum(ratio, threshold)
+        metrics["rollout/is_truncated"] = Mean(
+            jnp.sum((ratio > threshold).astype(jnp.float32) * m), tokens
+        )
+        return weights, metrics
+    if rollout_correction == "sequence_mask":
+        ratio = jnp.exp(jnp.clip(jnp.sum(log_ratio, axis=1, keepdims=True), -20.0, 20.0))
+        ratio = jnp.broadcast_to(ratio, mask.shape)
+    rejected = ratio > threshold
+    metrics["rollout/is_masked"] = Mean(jnp.sum(rejected.astype(jnp.float32) * m), tokens)
+    return jnp.where(rejected, 0.0, ratio), metrics
+
+
 class PolicyLoss(AbstractLoss):
     """The PPO-clip family's objective (symbols of `docs/algorithms.md`): clipped policy loss
     with importance weights, KL to the reference, entropy bonus and, with a critic, the value
@@ -164,6 +210,12 @@ class PolicyLoss(AbstractLoss):
     - `kl_placement`: `"loss"` (`+ β·agg(kl)`) or `"reward"` (`r_t -= β·kl_t`).
     - `kl_estimator`: `k1`, `k2`, `k3` or `abs` (`None`: k3 in the loss, k1 in the reward).
     - `entropy_coef`: weight of the entropy bonus (entropy is always logged).
+    - `rollout_correction`: sampler–trainer mismatch correction with
+      `ρ_t = π_old(y_t) / π_sampler(y_t)` (the recomputed log-probs against the sampler's):
+      `"none"`, `"token_tis"` (weights `min(ρ_t, threshold)`), `"token_mask"` (weights `ρ_t`,
+      0 where `ρ_t > threshold`), `"sequence_mask"` (weights `ρ = Π_t ρ_t` of the sequence, 0
+      where `ρ > threshold`).
+    - `rollout_correction_threshold`: the truncation / masking threshold.
     - `epochs`, `minibatches`, `micro_batches`, `logprob_chunk`, `mask_truncated`: the schedule
       (see `AbstractLoss`).
     - `value_clip`: the critic's value clip (used when the state has a critic).
@@ -181,6 +233,8 @@ class PolicyLoss(AbstractLoss):
     kl_placement: str = "loss"
     kl_estimator: str | None = None
     entropy_coef: float = 0.0
+    rollout_correction: str = "none"
+    rollout_correction_threshold: float = 2.0
     epochs: int = 1
     minibatches: int = 1
     micro_batches: int = 1
@@ -193,6 +247,7 @@ class PolicyLoss(AbstractLoss):
             "agg": (self.agg, AGG_MODES),
             "ratio_level": (self.ratio_level, RATIO_LEVELS),
             "kl_placement": (self.kl_placement, KL_PLACEMENTS),
+            "rollout_correction": (self.rollout_correction, ROLLOUT_CORRECTIONS),
         }
         if self.kl_estimator is not None:
             checks["kl_estimator"] = (self.kl_estimator, KL_ESTIMATORS)
@@ -206,6 +261,10 @@ class PolicyLoss(AbstractLoss):
             raise ValueError("kl_coef must be >= 0")
         if self.dual_clip is not None and not self.dual_clip > 1.0:
             raise ValueError(f"dual_clip must be > 1 (or None: off), got {self.dual_clip}")
+        if not self.rollout_correction_threshold > 1.0:
+            raise ValueError(
+                f"rollout_correction_threshold must be > 1, got {self.rollout_correction_threshold}"
+            )
 
     @property
     def estimator(self) -> str:
@@ -243,6 +302,22 @@ class PolicyLoss(AbstractLoss):
             weights = jnp.exp(jnp.where(mask, old - batch.sampling_logp, 0.0))
             sums["loss/kept_mass"] = Mean(
                 jnp.sum(jnp.where(mask, weights, 0.0)), jnp.sum(mask.astype(jnp.float32))
+            )
+        if batch.sampler_logp is not None:
+            correction, is_metrics = _importance_weights(
+                self.rollout_correction,
+                self.rollout_correction_threshold,
+                old,
+                batch.sampler_logp,
+                mask,
+            )
+            sums.update(is_metrics)
+            if correction is not None:
+                weights = correction if weights is None else weights * correction
+        elif self.rollout_correction != "none":
+            raise ValueError(
+                "rollout_correction needs the sampler's log-probs at the training temperature, "
+                "which top-k/top-p sampling at a temperature other than 1 does not give"
             )
         pg, pg_metrics = policy_loss(
             logp,
