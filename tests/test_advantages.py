@@ -20,6 +20,7 @@ from gradflow.advantages import (
     reinforce_pp_baseline,
     rloo,
 )
+from gradflow.advantages import token_rewards as sequence_to_token_rewards
 
 SETTINGS = settings(max_examples=30, deadline=None)
 TIME = 7
@@ -241,6 +242,18 @@ def test_broadcast_to_tokens(kind):
     out = broadcast_to_tokens(jnp.asarray(seq), as_mask(mask, kind))
     expected = np.array([[seq[b] if mask[b, t] else 0.0 for t in range(TIME)] for b in range(4)])
     close(out, expected, atol=0)
+
+
+def test_token_rewards_keep_the_reward_of_an_empty_completion():
+    """The reward sits on the last token; a completion of length 0 keeps it at position 0, so
+    the group statistics of the sequence-level estimators still count it."""
+    rewards = np.array([0.5, 1.0, 2.0, 0.0], np.float32)
+    lengths = np.array([3, 0, TIME, 1])
+    out = np.asarray(sequence_to_token_rewards(jnp.asarray(rewards), jnp.asarray(lengths), TIME))
+    expected = np.zeros((4, TIME))
+    expected[[0, 1, 2, 3], [2, 0, TIME - 1, 0]] = rewards
+    close(out, expected, atol=0)
+    close(grpo(jnp.asarray(out.sum(1)), 4), ref_grpo(rewards, 4, True, 1e-6), atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------

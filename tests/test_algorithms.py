@@ -522,6 +522,7 @@ def _other_value(key, value):
         "dual_clip": 5.0,
         "dynamic_sampling_metric": "score",
         "rollout_correction": "token_tis",
+        "norm_constant": "time",
         "rollout_correction_threshold": 3.0,
     }
     if key.removeprefix("critic_") in special:
@@ -766,11 +767,13 @@ def test_grpo_gradient_with_kl_in_the_loss():
     assert relative_gap(expected, expected_grad(advantages)) > 3e-4  # the KL term is visible
 
 
-def test_top_k_top_p_samples_are_weighed_by_the_kept_mass():
+@pytest.mark.parametrize("highest", [1.0, 1.5])
+def test_top_k_top_p_samples_are_weighed_by_the_kept_mass(highest):
     """Tokens drawn from a truncated distribution μ (top-k/top-p) enter the policy loss weighed
     by π_old(y)/μ(y): here each token's sampling log-prob is set to its policy log-prob minus
-    log(kept mass), and the gradient must be that of `-mean(kept * A * logp)`."""
-    kept = np.random.RandomState(11).uniform(0.3, 1.0, (B, T))
+    log(kept mass), and the gradient must be that of `-mean(min(kept, 1) * A * logp)` (a kept
+    mass above 1, from sampler-trainer differences, is capped at 1)."""
+    kept = np.random.RandomState(11).uniform(0.3, highest, (B, T))
     sampling_logp = logprobs_of(MODEL) - np.log(kept)
     completions = dataclasses.replace(
         COMPLETIONS, sampling_logprobs=jnp.asarray(sampling_logp, jnp.float32)
@@ -779,9 +782,10 @@ def test_top_k_top_p_samples_are_weighed_by_the_kept_mass():
     algorithm = prepared(algorithm, completions)
     algorithm = eqx.tree_at(lambda a: a.rollout.filtered, algorithm, True)
     _, metrics, grad = run(algorithm)
-    np.testing.assert_allclose(metrics["loss/kept_mass"], kept[MASK].mean(), rtol=1e-5)
+    weights = np.minimum(kept, 1.0)
+    np.testing.assert_allclose(metrics["loss/kept_mass"], weights[MASK].mean(), rtol=1e-5)
     advantages = grpo_advantages_ref()
-    expected = expected_grad(advantages * kept)
+    expected = expected_grad(advantages * weights)
     assert_grad_close(grad, expected)
     assert relative_gap(expected, expected_grad(advantages)) > 0.05  # the weights are visible
     # Unfiltered sampling: no weights, and no kept-mass metric.
@@ -1043,6 +1047,38 @@ def test_logged_learning_rate_follows_the_optimizer_past_skipped_updates():
         assert metrics["update/skipped"] == 1
         rates.append(float(metrics["learning_rate"]))
     assert rates == [0.0, 0.0]
+
+
+@pytest.mark.parametrize(("norm_constant", "expected"), [("batch_time", 3 * T), ("time", T)])
+def test_seq_mean_token_sum_norm_constant(norm_constant, expected):
+    """Dr.GRPO's constant is `B·T` with `B` the trained sequences (TRL's `dr_grpo`); verl's is
+    `T` alone."""
+    trained = jnp.asarray([True, True, False, True])
+    batch = UpdateBatch(
+        ids=jnp.zeros((4, T + 1), jnp.int32),
+        full_mask=jnp.ones((4, T + 1), bool),
+        mask=jnp.ones((4, T), bool) & trained[:, None],
+        trained=trained,
+        advantages=jnp.zeros((4, T)),
+        old_logp=None,
+        sampling_logp=None,
+        sampler_logp=None,
+        ref_logp=None,
+        old_values=None,
+        returns=None,
+    )
+    loss = PolicyLoss(agg="seq-mean-token-sum-norm", norm_constant=norm_constant)
+    assert float(loss.denominator(batch)) == expected
+    assert float(PolicyLoss(norm_constant=norm_constant).denominator(batch)) == 3 * T
+
+
+def test_zero_std_groups_and_clipfrac_high_are_logged():
+    """`reward/zero_std_groups`: the fraction of sampled groups with no reward spread (DAPO
+    samples 2P uniform groups beside the fixed batch's P informative ones)."""
+    assert named_run("reinforce")[1]["reward/zero_std_groups"] == 0
+    np.testing.assert_allclose(named_run("dapo")[1]["reward/zero_std_groups"], 2 / 3)
+    ppo = named_run("ppo")[1]  # its clipped tokens have A < 0 (values: tests/test_losses.py)
+    assert 0 <= ppo["loss/clipfrac_high"] < ppo["loss/clipfrac"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -74,6 +74,7 @@ def ref_policy_loss(
                 log_ratio[b, t] = float(logp[b, t]) - float(old[b, t])
     loss = np.zeros((batch, time))
     clipped = np.zeros((batch, time), bool)
+    high = np.zeros((batch, time), bool)
     lower = np.zeros((batch, time), bool)
     for b, t in np.ndindex(batch, time):
         lr = min(max(log_ratio[b, t], -20.0), 20.0)
@@ -84,6 +85,7 @@ def ref_policy_loss(
         l2 = -a * min(max(ratio, 1.0 - clip_low), 1.0 + clip_high)
         c = max(l1, l2)
         clipped[b, t] = l2 > l1
+        high[b, t] = a > 0 and ratio > 1.0 + clip_high
         if dual_clip is not None and a < 0:
             lower[b, t] = c > -a * dual_clip
             c = min(-a * dual_clip, c)
@@ -91,6 +93,7 @@ def ref_policy_loss(
     metrics = {
         "approx_kl": ref_masked_mean(-log_ratio, m),
         "clipfrac": ref_masked_mean(clipped, m),
+        "clipfrac_high": ref_masked_mean(high, m),
         "clipfrac_lower": ref_masked_mean(lower, m),
     }
     return ref_aggregate(loss, m, agg), metrics
@@ -248,11 +251,11 @@ def test_policy_loss(clip_low, clip_high, dual_clip, ratio_level, agg):
     )
     assert loss.shape == () and loss.dtype == jnp.float32
     close(loss, ref_loss, rtol=1e-5)
-    assert set(metrics) == {"approx_kl", "clipfrac", "clipfrac_lower"}
+    assert set(metrics) == {"approx_kl", "clipfrac", "clipfrac_high", "clipfrac_lower"}
     for name, value in ref_metrics.items():
         close(metrics[name], value, atol=1e-6)
     # The inputs make every metric act (so the comparisons above are not vacuous).
-    assert ref_metrics["clipfrac"] > 0
+    assert ref_metrics["clipfrac"] > 0 and ref_metrics["clipfrac"] >= ref_metrics["clipfrac_high"]
     assert (ref_metrics["clipfrac_lower"] > 0) == (dual_clip is not None)
 
 
@@ -289,10 +292,13 @@ def test_policy_loss_clip_higher_is_asymmetric():
     old = jnp.zeros((2, 1))
     logp = jnp.log(jnp.array([[1.5], [0.5]]))
     adv = jnp.array([[1.0], [-1.0]])
-    loss, _ = policy_loss(
+    loss, metrics = policy_loss(
         logp, old, adv, mask, clip_low=0.2, clip_high=0.28, agg="seq-mean-token-sum"
     )
     close(loss, (-1.28 + 0.8) / 2, atol=1e-6)
+    # both tokens are clipped, one of them at the upper bound
+    close(metrics["clipfrac"], 1.0, atol=1e-6)
+    close(metrics["clipfrac_high"], 0.5, atol=1e-6)
 
 
 def test_policy_loss_on_policy_is_reinforce():

@@ -28,7 +28,7 @@ Helpers: `masked_mean(x, m) = sum(x*m) / (sum(m) + 1e-8)`, `masked_var` unbiased
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float
+from jaxtyping import Array, Bool, Float, Int
 
 Mask = Bool[Array, "batch time"] | Float[Array, "batch time"]
 
@@ -215,6 +215,29 @@ def broadcast_to_tokens(
     `seq_values[:, None] * mask` in float32 (0 where the mask is 0).
     """
     return seq_values.astype(jnp.float32)[:, None] * _f32_mask(mask)
+
+
+def token_rewards(
+    rewards: Float[Array, " batch"], lengths: Int[Array, " batch"], time: int
+) -> Float[Array, "batch time"]:
+    """The sequence reward on each completion's last token, 0 elsewhere.
+
+    A completion of length 0 (possible from a user-written rollout stage) holds its reward at
+    position 0, so that the sequence-level estimators, which sum the token rewards, still see
+    it in the group statistics.
+
+    **Arguments:**
+
+    - `rewards`: one reward per sequence.
+    - `lengths`: completion lengths.
+    - `time`: the completions' padded length.
+
+    **Returns:**
+
+    Float32 token rewards.
+    """
+    last = jax.nn.one_hot(jnp.maximum(lengths - 1, 0), time, dtype=jnp.float32)
+    return last * rewards.astype(jnp.float32)[:, None]
 
 
 def _reverse_discounted(x: Array, m: Array, discount: float) -> Array:

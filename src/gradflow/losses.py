@@ -5,7 +5,9 @@ Loss aggregation (`agg`), with `L` the per-token loss and `m` the completion mas
 - `"token-mean"`: `sum(L*m) / sum(m)` (DAPO's token-level loss).
 - `"seq-mean-token-mean"`: mean over sequences of each sequence's token mean (GRPO paper).
 - `"seq-mean-token-sum"`: mean over sequences of each sequence's token sum.
-- `"seq-mean-token-sum-norm"`: `sum(L*m) / (batch * time)` (Dr.GRPO, constant normaliser).
+- `"seq-mean-token-sum-norm"`: `sum(L*m) / (batch * time)` (Dr.GRPO and TRL's `dr_grpo`: a
+  constant normaliser, `time` the completion cap); verl divides by `time` alone (its
+  `loss_mask.shape[-1]`): `aggregation_denominator(..., rows=1)`.
 
 With top-k/top-p sampling `policy_loss` also takes per-token weights `π_old(y)/μ(y)` (the mass the
 filter kept), which multiply each token's loss before aggregation.
@@ -63,7 +65,7 @@ def aggregation_denominator(
     - `mask`: bool or float 0/1 completion mask.
     - `mode`: one of `AGG_MODES`.
     - `rows`: the sequence count in `seq-mean-token-sum-norm`'s constant (default: the mask's
-        rows).
+        rows, Dr.GRPO's `B`; 1 gives verl's constant `time`).
 
     **Returns:**
 
@@ -212,7 +214,8 @@ def policy_loss(
     (`clip_low=3e-4`, `clip_high=4e-4`, `dual_clip=None`) are the caller's to pass.
 
     Metrics, masked means over this (micro-)batch: `"approx_kl"` = `mean(-log_ratio)`,
-    `"clipfrac"` = `mean(l2 > l1)`, `"clipfrac_lower"` = `mean((c > -A*dual_clip) & (A < 0))`
+    `"clipfrac"` = `mean(l2 > l1)`, `"clipfrac_high"` = `mean((l2 > l1) & (A > 0))` (the ratio
+    clipped at `1 + clip_high`), `"clipfrac_lower"` = `mean((c > -A*dual_clip) & (A < 0))`
     (0 without dual clip).
 
     **Arguments:**
@@ -271,6 +274,7 @@ def policy_loss(
     metrics = {
         "approx_kl": masked_mean(-log_ratio, m),
         "clipfrac": masked_mean((l2 > l1).astype(jnp.float32), m),
+        "clipfrac_high": masked_mean(((l2 > l1) & (adv > 0)).astype(jnp.float32), m),
         "clipfrac_lower": clipfrac_lower,
     }
     return loss, jax.lax.stop_gradient(metrics)

@@ -18,8 +18,9 @@ import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
-from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
+from .advantages import token_rewards
 from .algorithms import Algorithm
 from .batch import Prompts
 from .critic import Critic
@@ -49,13 +50,6 @@ def _merge(tree):
 def _in_micro_batches(fn, inputs, parts: int, mesh: Mesh | None):
     """`fn` over `parts` row splits of `inputs`, one at a time (bounded memory)."""
     return constrain_rows(_merge(jax.lax.map(fn, _split(inputs, parts, mesh))), mesh)
-
-
-def _token_rewards(
-    rewards: Float[Array, " batch"], lengths: Int[Array, " batch"], new: int
-) -> Float[Array, "batch new"]:
-    last = jax.nn.one_hot(lengths - 1, new, dtype=jnp.float32)
-    return last * rewards[:, None]
 
 
 def _objective(
@@ -210,13 +204,16 @@ def _update(
     return new_state, metrics
 
 
-def _rollout_metrics(completions, rewards) -> dict[str, Array]:
+def _rollout_metrics(completions, rewards, group: int) -> dict[str, Array]:
     lengths = completions.lengths.astype(jnp.float32)
+    grouped = rewards.total.reshape(-1, group)
+    no_spread = jnp.max(grouped, axis=1) == jnp.min(grouped, axis=1)
     metrics = {
         "reward/mean": jnp.mean(rewards.total),
         "reward/std": jnp.std(rewards.total),
         "reward/min": jnp.min(rewards.total),
         "reward/max": jnp.max(rewards.total),
+        "reward/zero_std_groups": jnp.mean(no_spread.astype(jnp.float32)),
         "completion/length_mean": jnp.mean(lengths),
         "completion/length_max": jnp.max(lengths),
         "completion/truncation_rate": 1.0 - jnp.mean(completions.finished.astype(jnp.float32)),
@@ -269,7 +266,7 @@ def _compiled_step(inputs, state: TrainState) -> tuple[TrainState, dict[str, Arr
     # outputs are broadcast to every device.
     whole_prompts, whole = constrain_replicated((repeated, completions), mesh)
     rewards = constrain_replicated(algorithm.reward(whole_prompts, whole), mesh)
-    metrics = _rollout_metrics(completions, rewards)
+    metrics = _rollout_metrics(completions, rewards, group)
     # The logged samples are cut from the replicated copies: replicating a few rows sliced out
     # of the row-split arrays fails XLA's HLO verifier after SPMD partitioning (seen with 8
     # sequences over 8 devices).
@@ -328,10 +325,10 @@ def _compiled_step(inputs, state: TrainState) -> tuple[TrainState, dict[str, Arr
                 lambda x: state.critic.values(x[0], x[1], prompt_len), inputs, parts, mesh
             )
         )
-    token_rewards = loss.shape_rewards(
-        _token_rewards(total, completions.lengths, new), mask, old_logp, ref_logp
+    rewards_per_token = loss.shape_rewards(
+        token_rewards(total, completions.lengths, new), mask, old_logp, ref_logp
     )
-    advantages, returns = algorithm.advantage(token_rewards, mask, old_values, group)
+    advantages, returns = algorithm.advantage(rewards_per_token, mask, old_values, group)
     metrics["advantage/mean"] = _masked_mean(advantages, mask)
     metrics["advantage/std"] = jnp.sqrt(
         _masked_mean((advantages - metrics["advantage/mean"]) ** 2, mask)

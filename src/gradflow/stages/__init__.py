@@ -9,7 +9,7 @@ from .advantage import (
     ReinforcePP,
     ReinforcePPBaseline,
 )
-from .loss import AbstractLoss, AbstractMetric, Mean, PolicyLoss, Share, UpdateBatch
+from .loss import AbstractLoss, AbstractMetric, Max, Mean, PolicyLoss, Share, UpdateBatch
 from .reward import AbstractReward, HostReward, OverlongPenalty, RewardOutput
 from .rollout import AbstractRollout, DynamicSampling, Sampling
 
@@ -24,6 +24,7 @@ __all__ = [
     "AbstractRollout",
     "DynamicSampling",
     "HostReward",
+    "Max",
     "Mean",
     "OverlongPenalty",
     "PolicyLoss",

@@ -31,6 +31,7 @@ from ..losses import (
 
 KL_PLACEMENTS = ("loss", "reward")
 ROLLOUT_CORRECTIONS = ("none", "token_tis", "token_mask", "sequence_mask")
+NORM_CONSTANTS = ("batch_time", "time")
 
 
 class UpdateBatch(eqx.Module):
@@ -204,7 +205,10 @@ class PolicyLoss(AbstractLoss):
       `clip_high > clip_low`).
     - `dual_clip`: the dual-clip constant `c` for negative advantages (`None`: off).
     - `agg`: loss aggregation mode (`token-mean`, `seq-mean-token-mean`, `seq-mean-token-sum`,
-      `seq-mean-token-sum-norm`: its constant `B·T` counts the trained sequences).
+      `seq-mean-token-sum-norm`).
+    - `norm_constant`: the constant of `seq-mean-token-sum-norm`: `"batch_time"` divides by
+      `B·T` (the trained sequences times the completion cap: Dr.GRPO, TRL's `dr_grpo`),
+      `"time"` by `T` alone (verl's `loss_mask.shape[-1]`).
     - `ratio_level`: `"token"` (PPO) or `"sequence"` (GSPO).
     - `kl_coef`: `β` of the KL to the frozen reference policy (0: no reference at all).
     - `kl_placement`: `"loss"` (`+ β·agg(kl)`) or `"reward"` (`r_t -= β·kl_t`).
@@ -221,13 +225,15 @@ class PolicyLoss(AbstractLoss):
     - `value_clip`: the critic's value clip (used when the state has a critic).
 
     With top-k/top-p sampling each token's policy loss is also weighed by `π_old(y)/μ(y)`, the
-    probability mass the filter kept.
+    probability mass the filter kept, capped at 1 (exactly it is at most 1; bf16 differences
+    between sampler and trainer can push it above).
     """
 
     clip_low: float = 0.2
     clip_high: float = 0.2
     dual_clip: float | None = 3.0
     agg: str = "token-mean"
+    norm_constant: str = "batch_time"
     ratio_level: str = "token"
     kl_coef: float = 0.0
     kl_placement: str = "loss"
@@ -245,6 +251,7 @@ class PolicyLoss(AbstractLoss):
     def __check_init__(self):
         checks = {
             "agg": (self.agg, AGG_MODES),
+            "norm_constant": (self.norm_constant, NORM_CONSTANTS),
             "ratio_level": (self.ratio_level, RATIO_LEVELS),
             "kl_placement": (self.kl_placement, KL_PLACEMENTS),
             "rollout_correction": (self.rollout_correction, ROLLOUT_CORRECTIONS),
@@ -289,6 +296,8 @@ class PolicyLoss(AbstractLoss):
 
     def denominator(self, minibatch):
         rows = jnp.sum(minibatch.trained.astype(jnp.float32))
+        if self.norm_constant == "time":
+            rows = jnp.ones((), jnp.float32)
         return aggregation_denominator(minibatch.mask, self.agg, rows=rows)
 
     def __call__(self, logp, entropy, values, batch, denominator):
@@ -298,8 +307,9 @@ class PolicyLoss(AbstractLoss):
         sums: dict[str, AbstractMetric] = {}
         if batch.sampling_logp is not None:
             # Tokens drawn with top-k/top-p come from the truncated distribution μ, not from π_old:
-            # each is weighed by π_old(y)/μ(y), the probability mass the filter kept at its step.
-            weights = jnp.exp(jnp.where(mask, old - batch.sampling_logp, 0.0))
+            # each is weighed by π_old(y)/μ(y), the probability mass the filter kept at its step
+            # (at most 1; numeric differences between sampler and trainer can push it above).
+            weights = jnp.minimum(jnp.exp(jnp.where(mask, old - batch.sampling_logp, 0.0)), 1.0)
             sums["loss/kept_mass"] = Mean(
                 jnp.sum(jnp.where(mask, weights, 0.0)), jnp.sum(mask.astype(jnp.float32))
             )
