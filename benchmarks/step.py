@@ -126,23 +126,26 @@ class Workload:
 
 def gsm8k_workload(args: argparse.Namespace) -> Workload:
     """The first `steps × prompts` GSM8K train problems as chat prompts; strict correctness."""
-    from gradflow.data.gsm8k import load_gsm8k
-    from gradflow.prompts import chat_prompt, load_tokenizer
-    from gradflow.rewards.text import correctness, text_scorer
-    from gradflow.task import tokenize_prompts
+    from gradflow.config import build_config
+    from gradflow.tasks.task import build_task
 
-    tokenizer = load_tokenizer(None)
-    problems = load_gsm8k("train")[: args.steps * args.prompts]
-    texts = [chat_prompt(tokenizer, p.question) for p in problems]
-    bank = tokenize_prompts(tokenizer, texts, max_tokens=0, split="train")
-    scorer = text_scorer(tokenizer, problems, {"correct": correctness("strict")})
-    reward = HostReward(scorer=scorer, parts=("correct", "failed"), weights=(1.0, 0.0))
+    size = args.steps * args.prompts
+    raw = {
+        "model": {"init": "random", "config": "gradflow:qwen2/qwen2-1.5b-instruct.config.json"},
+        "task": {"name": "gsm8k", "prompt_template": "chat", "train_size": size, "test_size": 1},
+        "algorithm": {"name": "grpo"},
+    }
+    task = build_task(build_config(raw))
+    bank, tokenizer = task.train_prompts, task.tokenizer
+    answers = task.train.columns["answer"]
+    texts = [tokenizer.decode(ids[keep]) for ids, keep in zip(bank.ids, bank.mask, strict=True)]
+    reward = task.reward()
     return Workload(
         ids=bank.ids,
         mask=bank.mask,
         reward=reward,
         texts=texts,
-        answers=[p.answer for p in problems],
+        answers=answers,
         tokenizer=tokenizer,
     )
 

@@ -41,10 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)  # overrides before or after options
 
     from gradflow.config import ConfigError, load_config
-    from gradflow.data import DataError
     from gradflow.evaluate import evaluate
     from gradflow.models import load_hf
-    from gradflow.task import build_task
+    from gradflow.tasks.errors import DataError
+    from gradflow.tasks.task import build_task
     from gradflow.train import load_policy
 
     target = Path(args.target)
@@ -72,18 +72,17 @@ def main(argv: list[str] | None = None) -> int:
         )
         metrics, records = evaluate(
             policy,
-            task.tokenizer,
-            problems[:size],
+            task,
+            problems.head(size),
             bank.ids[:size],
             bank.mask[:size],
             key=jax.random.key(config.run.seed),
             max_new_tokens=max_new,
-            eos_token_ids=task.eos_token_ids,
-            pad_token_id=task.pad_token_id,
             batch_size=min(config.eval.batch_size, size),
             samples=samples,
             temperature=config.eval.temperature,
         )
+        task.close()
     except (ConfigError, DataError, FileNotFoundError, NotADirectoryError, ValueError) as error:
         if os.environ.get("GRADFLOW_DEBUG"):
             raise

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from gradflow.checkpoint import CheckpointWriteError
 from gradflow.config import ConfigError, load_config
-from gradflow.data import DataError
+from gradflow.tasks.errors import DataError
 
 
 def _env_int(name: str) -> int | None:

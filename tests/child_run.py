@@ -170,11 +170,11 @@ def _digits_reward():
 
 def _install_hooks() -> None:
     import gradflow.checkpoint
-    import gradflow.task
+    import gradflow.tasks.task
     import gradflow.train
 
     if os.environ.get("CHILD_REWARD") == "digits":
-        gradflow.task.Task.reward = lambda self: _digits_reward()
+        gradflow.tasks.task.Task.reward = lambda self: _digits_reward()
     if "CHILD_PAUSE_STEP" in os.environ:
         pause_at = int(os.environ["CHILD_PAUSE_STEP"])
         real_step = gradflow.train.rl_step

@@ -23,16 +23,13 @@ import pytest
 from child_run import MODEL_OVERRIDES, ROOT, child_env, run_child, tiny_config
 from safetensors.numpy import load_file
 
+from gradflow.assets import resolve_path
 from gradflow.batch import Prompts
 from gradflow.checkpoint import CheckpointWriteError, list_checkpoints, save_checkpoint
 from gradflow.config import load_config
-from gradflow.data import Problem
 from gradflow.models import ModelConfig, init_from_config, save_hf
-from gradflow.rewards.text import text_scorer
 from gradflow.rollout import Completions
 from gradflow.stages import HostReward
-from gradflow.task import resolve_path
-from gradflow.tasks import build_tokenizer
 from gradflow.train import Trainer
 
 sys.path.insert(0, str(ROOT / "pipelines"))
@@ -124,7 +121,7 @@ def _gsm8k(config: Path, path: Path) -> tuple[str, ...]:
         str(config),
         'task.name="gsm8k"',
         'task.prompt_template="plain"',
-        f"task.train_path={path}",
+        f"task.train={path}",
     )
 
 
@@ -148,38 +145,20 @@ def test_empty_dataset(capsys, config, tmp_path):
     assert "train.steps: must be >= 1, got -1" in _fails(capsys, config, "train.steps=-1")
 
 
-# Rewards that fail (in this process).
+# A reward scorer that fails (in this process); reward functions that fail: test_tasks.py.
 
 
-def test_reward_that_raises_or_returns_nan_scores_zero_and_is_counted():
-    tokenizer = build_tokenizer()
+def test_a_scorer_that_raises_costs_its_batch_not_the_step():
+    def scorer(tokens, mask, index):
+        raise RuntimeError("a bug in a user's scorer")
 
-    def raises(completion: str, reference: str) -> float:
-        if completion == "boom":
-            raise RuntimeError("boom")
-        return 1.0
-
-    def nan(completion: str, reference: str) -> float:
-        return float("nan") if completion == "nan" else 0.5
-
-    problems = [Problem("q", "a")]
-    reward = HostReward(
-        scorer=text_scorer(tokenizer, problems, {"raises": raises, "nan": nan}),
-        parts=("raises", "nan", "failed"),
-        weights=(1.0, 1.0, 0.0),
-    )
-    texts = ["boom", "nan", "fine"]
-    encoded = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
-    tokens = np.zeros((3, 4), np.int32)
-    mask = np.zeros((3, 4), bool)
-    for row, ids in enumerate(encoded):
-        tokens[row, : len(ids)], mask[row, : len(ids)] = ids, True
+    reward = HostReward(scorer=scorer, parts=("score", "failed"), weights=(1.0, 0.0))
     completions = Completions(
-        tokens=jnp.asarray(tokens),
-        mask=jnp.asarray(mask),
+        tokens=jnp.zeros((3, 4), jnp.int32),
+        mask=jnp.ones((3, 4), bool),
         logprobs=jnp.zeros((3, 4), jnp.float32),
         sampling_logprobs=jnp.zeros((3, 4), jnp.float32),
-        lengths=jnp.asarray(mask.sum(1), jnp.int32),
+        lengths=jnp.full((3,), 4, jnp.int32),
         finished=jnp.ones((3,), bool),
     )
     prompts = Prompts(
@@ -188,10 +167,9 @@ def test_reward_that_raises_or_returns_nan_scores_zero_and_is_counted():
         index=jnp.zeros((3,), jnp.int32),
     )
     out = eqx.filter_jit(reward)(prompts, completions)
-    np.testing.assert_array_equal(out.parts["raises"], [0.0, 1.0, 1.0])
-    np.testing.assert_array_equal(out.parts["nan"], [0.5, 0.0, 0.5])
-    np.testing.assert_array_equal(out.parts["failed"], [1.0, 1.0, 0.0])
-    np.testing.assert_array_equal(out.total, [0.5, 1.0, 1.5])
+    np.testing.assert_array_equal(out.total, [0.0, 0.0, 0.0])
+    np.testing.assert_array_equal(out.parts["failed"], [1.0, 1.0, 1.0])
+    np.testing.assert_array_equal(out.applicable["score"], [False, False, False])
 
 
 # A checkpoint directory that cannot be written (in this process).

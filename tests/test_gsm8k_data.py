@@ -12,14 +12,16 @@ from tokenizers.processors import TemplateProcessing
 from transformers import PreTrainedTokenizerFast
 
 from gradflow.assets import ASSETS, asset_path
-from gradflow.data import DataError, Problem, load_gsm8k, load_jsonl_problems
-from gradflow.prompts import (
+from gradflow.tasks.errors import DataError
+from gradflow.tasks.gsm8k import load_gsm8k, load_jsonl_problems
+from gradflow.tasks.prompts import (
     DEFAULT_INSTRUCTION,
     chat_prompt,
     load_tokenizer,
     plain_prompt,
 )
-from gradflow.task import _bos_text, _eos_ids
+from gradflow.tasks.rows import Problem
+from gradflow.tasks.task import _bos_text, _eos_ids
 
 GOOD = {"question": "What is 2 + 2?", "answer": "2 + 2 = 4\n#### 4"}
 
@@ -145,7 +147,7 @@ def test_load_tokenizer_shipped(tokenizer):
 
 
 def test_load_tokenizer_paths(tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger="gradflow.prompts"):
+    with caplog.at_level(logging.INFO, logger="gradflow.tasks.prompts"):
         fallback = load_tokenizer(str(tmp_path))
     assert len(fallback) == 151_646
     assert "shipped Qwen2 tokenizer" in caplog.text

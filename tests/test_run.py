@@ -36,12 +36,12 @@ from gradflow import algorithms
 from gradflow.batch import Prompts
 from gradflow.checkpoint import STATE_FILE, list_checkpoints, read_manifest
 from gradflow.config import build_config, load_config
-from gradflow.data.gsm8k import load_gsm8k
 from gradflow.models import load_hf
 from gradflow.sharding import shard_prompts, shard_state
 from gradflow.stages import RLOO
 from gradflow.state import init_state
 from gradflow.step import step
+from gradflow.tasks.gsm8k import load_gsm8k
 from gradflow.train import Trainer, load_policy, prompt_indices, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,7 +135,7 @@ def _run(root: Path, name: str) -> Path:
         # WANDB_MODE wins over logging.wandb: leave the config in charge.
         env.delenv("WANDB_MODE", raising=False)
         out_dir, final = train(config, config_name=name)
-    assert out_dir == run_dir and set(final) == {"eval/accuracy", "eval/accuracy_flexible"}
+    assert out_dir == run_dir and set(final) == {"eval/accuracy", "eval/accuracy_flexible", "eval/failed"}
     return run_dir
 
 
@@ -367,7 +367,7 @@ def test_gsm8k_pipeline_on_random_weights_then_eval(capsys, monkeypatch, tmp_pat
     # mode refuses (a JAX limitation; users run with standard promotion).
     with jax.numpy_dtype_promotion("standard"):
         _, final = train(config, config_name="qwen25_0p5b_grpo")
-    assert set(final) == {"eval/accuracy", "eval/accuracy_flexible"}
+    assert set(final) == {"eval/accuracy", "eval/accuracy_flexible", "eval/failed"}
     records = _jsonl(run_dir / "metrics.jsonl")
     assert [r["step"] for r in records] == [0, 1, 2, 2]
     assert all(math.isfinite(r["reward/mean"]) for r in records if "reward/mean" in r)
@@ -386,7 +386,7 @@ def test_gsm8k_pipeline_on_random_weights_then_eval(capsys, monkeypatch, tmp_pat
     completions = _jsonl(run_dir / "eval_test_hf.jsonl")
     assert f"completions: {run_dir / 'eval_test_hf.jsonl'}" in out
     assert len(completions) == 4
-    assert {"question", "completion", "correct"} <= set(completions[0])
+    assert {"question", "completion", "accuracy", "accuracy_flexible"} <= set(completions[0])
 
 
 def test_gsm8k_configs_load_and_name_the_model_to_download(capsys, monkeypatch, tmp_path):

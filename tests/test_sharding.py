@@ -11,8 +11,7 @@ from jax.sharding import PartitionSpec as P
 import gradflow.evaluate
 from gradflow import algorithms
 from gradflow.batch import Prompts
-from gradflow.config import ConfigError, MeshConfig
-from gradflow.data import Problem
+from gradflow.config import ConfigError, MeshConfig, build_config
 from gradflow.models import ModelConfig, init_from_config
 from gradflow.rollout import generate
 from gradflow.sharding import (
@@ -26,6 +25,7 @@ from gradflow.stages import HostReward
 from gradflow.state import init_state
 from gradflow.step import step
 from gradflow.tasks import build_tokenizer
+from gradflow.tasks.task import build_task
 
 SHAPE = ModelConfig(
     model_type="qwen2",
@@ -182,7 +182,12 @@ def test_evaluation_splits_its_rows_over_the_mesh(monkeypatch):
     ids = rng.integers(2, len(tokenizer), (8, 5)).astype(np.int32)
     mask = np.ones_like(ids, bool)
     mask[0, :2] = False
-    problems = [Problem(question=f"q{i}", answer=f"#### {i}") for i in range(8)]
+    raw = {
+        "model": {"path": "gradflow:toy-arith"},
+        "task": {"train_size": 8, "test_size": 8, "reward_workers": 0},
+        "algorithm": {"name": "grpo"},
+    }
+    task = build_task(build_config(raw))
     seen = []
 
     def spy(model, prompt_ids, *args, **kwargs):
@@ -195,14 +200,12 @@ def test_evaluation_splits_its_rows_over_the_mesh(monkeypatch):
         placed = policy if mesh is None else shard_state(policy, mesh)
         return gradflow.evaluate.evaluate(
             placed,
-            tokenizer,
-            problems,
+            task,
+            task.test,
             ids,
             mask,
             key=jax.random.key(4),
             max_new_tokens=4,
-            eos_token_ids=(1,),
-            pad_token_id=0,
             batch_size=8,
             samples=2,
             mesh=mesh,

@@ -1,4 +1,5 @@
-"""Files shipped with the package: the GSM8K data set and the Qwen2 tokenizer."""
+"""Files shipped with the package (the GSM8K data set, the Qwen2 tokenizer, the toy model), and
+config paths that name them as `gradflow:NAME`."""
 
 from pathlib import Path
 
@@ -24,3 +25,22 @@ def asset_path(*parts: str) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"no shipped asset at {path}")
     return path
+
+
+ASSET_PREFIX = "gradflow:"
+
+
+def resolve_path(path: str) -> Path:
+    """A config path: `gradflow:NAME` is a shipped asset, anything else is relative to the cwd.
+
+    **Arguments:**
+
+    - `path`: the path as written in the config.
+
+    **Returns:**
+
+    The path.
+    """
+    if path.startswith(ASSET_PREFIX):
+        return ASSETS / path[len(ASSET_PREFIX) :]
+    return Path(path)

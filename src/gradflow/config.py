@@ -48,21 +48,38 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TaskConfig:
-    """`[task]`: the problems, the prompts built from them and the reward."""
+    """`[task]`: the rows, the prompts built from them and how rewards are computed."""
 
     name: str = "arithmetic"
     source: str = "local"
-    train_path: str = ""
-    test_path: str = ""
+    train: str = ""
+    test: str = ""
+    train_split: str = "train"
+    test_split: str = "test"
+    prompt_key: str = "prompt"
+    answer_key: str = "answer"
     train_size: int = 20000
     test_size: int = 500
     prompt_template: str = "plain"
     system: str = ""
+    chat_template_kwargs: dict = dataclasses.field(default_factory=dict)
     instruction: str = ""
     max_prompt_tokens: int = 0
     reward_mode: str = "strict"
     correct_weight: float = 1.0
     format_weight: float = 0.0
+    reward_workers: int = -1
+    reward_timeout_s: float = 30.0
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardConfig:
+    """One `[[reward]]` table: a reward function and its weight."""
+
+    function: str = ""
+    weight: float = 1.0
+    style: str = "trl"
+    name: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +99,7 @@ class EvalConfig:
     batch_size: int = 256
     samples: int = 1
     temperature: float = 1.0
+    functions: list = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,8 +131,36 @@ class MeshConfig:
     tensor: int = 1
 
 
-# [task] keys that only the GSM8K-style tasks read.
-GSM8K_ONLY = ("source", "train_path", "test_path", "prompt_template", "system", "instruction")
+# The [task] keys each task reads besides name, train_size, test_size, max_prompt_tokens and the
+# reward pool's settings.
+TASK_KEYS: dict[str, tuple[str, ...]] = {
+    "arithmetic": ("reward_mode", "correct_weight", "format_weight"),
+    "gsm8k": (
+        "source",
+        "train",
+        "test",
+        "prompt_template",
+        "system",
+        "chat_template_kwargs",
+        "instruction",
+        "reward_mode",
+        "correct_weight",
+        "format_weight",
+    ),
+    "dataset": (
+        "train",
+        "test",
+        "train_split",
+        "test_split",
+        "prompt_key",
+        "answer_key",
+        "prompt_template",
+        "system",
+        "chat_template_kwargs",
+    ),
+}
+# The [task] keys that configure the built-in rewards, which [[reward]] replaces.
+BUILTIN_REWARD_KEYS = ("reward_mode", "correct_weight", "format_weight")
 
 SECTIONS: dict[str, type] = {
     "run": RunConfig,
@@ -132,10 +178,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16"),
     "model.compute_dtype": ("", "float32", "bfloat16"),
     "model.remat": ("none", "full", "dots"),
-    "task.name": ("arithmetic", "gsm8k"),
+    "task.name": ("arithmetic", "gsm8k", "dataset"),
     "task.source": ("local", "hub"),
     "task.prompt_template": ("plain", "chat"),
     "task.reward_mode": ("strict", "flexible"),
+    "reward.style": ("trl", "verl"),
     "logging.wandb": ("online", "offline", "disabled"),
 }
 # The smallest value each numeric key accepts.
@@ -143,6 +190,8 @@ MINIMUMS: dict[str, float] = {
     "task.train_size": 1,
     "task.test_size": 1,
     "task.max_prompt_tokens": 0,
+    "task.reward_workers": -1,
+    "task.reward_timeout_s": 0.001,
     "train.steps": 1,
     "train.prompts_per_step": 1,
     "eval.every": 0,
@@ -169,6 +218,7 @@ class Config:
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
     mesh: MeshConfig = MeshConfig()
+    reward: tuple[RewardConfig, ...] = ()
     source: str = ""
 
     @property
@@ -191,6 +241,8 @@ class Config:
         out: dict[str, Any] = {"algorithm": dict(self.algorithm)}
         for section in SECTIONS:
             out[section] = dataclasses.asdict(getattr(self, section))
+        if self.reward:
+            out["reward"] = [dataclasses.asdict(r) for r in self.reward]
         return out
 
     def to_toml(self) -> str:
@@ -305,6 +357,35 @@ def _build_algorithm(table: Any) -> dict[str, Any]:
     return resolved
 
 
+def _build_rewards(tables: Any) -> tuple[RewardConfig, ...]:
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise ConfigError("[[reward]] must be an array of tables: [[reward]] function = ...")
+    rewards = tuple(build_section("reward", table, RewardConfig) for table in tables)
+    for reward in rewards:
+        if not reward.function:
+            raise ConfigError('[[reward]] needs function = "FILE.py:NAME" or "package.module:NAME"')
+    return rewards
+
+
+def _check_task_keys(config: Config) -> None:
+    """Refuses [task] keys that the chosen task does not read."""
+    defaults = TaskConfig()
+    read = set(TASK_KEYS[config.task.name])
+    if config.reward:
+        read -= set(BUILTIN_REWARD_KEYS)
+    for key in sorted({k for keys in TASK_KEYS.values() for k in keys} - read):
+        if getattr(config.task, key) != getattr(defaults, key):
+            if config.reward and key in BUILTIN_REWARD_KEYS:
+                raise ConfigError(
+                    f"task.{key} configures the built-in rewards, which [[reward]] replaces"
+                )
+            readers = [name for name, keys in TASK_KEYS.items() if key in keys]
+            raise ConfigError(
+                f"task.{key} applies to task.name = {' or '.join(map(repr, readers))}, not to "
+                f"{config.task.name!r}"
+            )
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Parses one `section.key=value` command-line override.
 
@@ -368,7 +449,7 @@ def build_config(raw: dict[str, Any], *, source: str = "") -> Config:
 
     The validated `Config`.
     """
-    valid = {"algorithm", *SECTIONS}
+    valid = {"algorithm", "reward", *SECTIONS}
     for section in raw:
         if section not in valid:
             raise ConfigError(
@@ -376,19 +457,18 @@ def build_config(raw: dict[str, Any], *, source: str = "") -> Config:
                 f"{', '.join(sorted(valid))}"
             )
     sections = {name: build_section(name, raw.get(name, {}), cls) for name, cls in SECTIONS.items()}
-    config = Config(algorithm=_build_algorithm(raw.get("algorithm")), source=source, **sections)
+    config = Config(
+        algorithm=_build_algorithm(raw.get("algorithm")),
+        reward=_build_rewards(raw.get("reward", [])),
+        source=source,
+        **sections,
+    )
     if config.model.init == "pretrained" and not config.model.path:
         raise ConfigError(
             "model.path is empty: point it to a local HF model directory (config.json + "
             '*.safetensors), or set model.init = "random" with model.config'
         )
-    if config.task.name == "arithmetic":
-        defaults = TaskConfig()
-        for key in GSM8K_ONLY:
-            if getattr(config.task, key) != getattr(defaults, key):
-                raise ConfigError(
-                    f'task.{key} applies to task.name = "gsm8k", not to the arithmetic task'
-                )
+    _check_task_keys(config)
     if config.model.init == "random" and not (config.model.config or config.model.path):
         raise ConfigError('model.init = "random" needs model.config (an HF config.json)')
     return config

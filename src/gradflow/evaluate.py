@@ -1,9 +1,10 @@
-"""Held-out evaluation, independent of the training reward: greedy accuracy (strict and flexible
-answer matching), and with `samples = k > 1` pass@k and maj@k at the configured temperature.
+"""Held-out evaluation with the task's evaluation functions (the reward functions, or
+`eval.functions`): greedy scores, and with `samples = k > 1` pass@k and maj@k at the configured
+temperature for 0/1-valued functions.
 """
 
 import collections
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -12,11 +13,11 @@ from jax.sharding import Mesh
 from jaxtyping import PRNGKeyArray
 
 from .checkpoint import to_host
-from .data import Problem
 from .models import Decoder
-from .rewards.gsm8k import answer_value, extract_answer, is_correct, reference_answer
 from .rollout import generate
 from .sharding import shard_prompts
+from .tasks.rows import Rows
+from .tasks.task import Task
 
 
 def _complete(policy, ids, mask, key, *, batch_size, max_new_tokens, temperature, eos, pad, mesh):
@@ -48,51 +49,59 @@ def _complete(policy, ids, mask, key, *, batch_size, max_new_tokens, temperature
     return texts_tokens
 
 
-def majority_correct(texts: Sequence[str], reference: str) -> bool:
-    """Whether the majority answer of `texts` (strict extraction; votes counted by value, so
-    `3/4` and `0.75` vote together; a tie goes to the answer seen first) equals the reference.
+def majority_score(
+    texts: Sequence[str], scores: Sequence[float] | np.ndarray, vote_key: Callable[[str], object]
+) -> float:
+    """The score of the answer most completions give (maj@k).
 
     **Arguments:**
 
-    - `texts`: the sampled completions of one problem.
-    - `reference`: its reference (`#### N` or a bare number).
+    - `texts`: the sampled completions of one prompt.
+    - `scores`: each completion's score.
+    - `vote_key`: the answer a completion gives (`None`: none); completions with equal keys
+        vote together (GSM8K: by value, so `3/4` and `0.75` agree). A tie goes to the answer
+        seen first.
 
     **Returns:**
 
-    `True` when the most voted value is the reference's (`False` without any answer).
+    The score of the first completion giving the most voted answer (0 without any answer).
     """
-    answers = [a for a in (extract_answer(t, mode="strict") for t in texts) if a]
-    votes = collections.Counter(answer_value(a) for a in answers).most_common(1)
-    return bool(votes) and votes[0][0] == answer_value(reference_answer(reference))
+    keys = [vote_key(t) for t in texts]
+    votes = collections.Counter(k for k in keys if k is not None).most_common(1)
+    if not votes:
+        return 0.0
+    return float(scores[keys.index(votes[0][0])])
+
+
+def _is_binary(values: np.ndarray) -> bool:
+    seen = values[~np.isnan(values)]
+    return seen.size > 0 and bool(np.isin(seen, (0.0, 1.0)).all())
 
 
 def evaluate(
     policy: Decoder,
-    tokenizer,
-    problems: Sequence[Problem],
+    task: Task,
+    rows: Rows,
     prompt_ids: np.ndarray,
     prompt_mask: np.ndarray,
     *,
     key: PRNGKeyArray,
     max_new_tokens: int,
-    eos_token_ids: tuple[int, ...],
-    pad_token_id: int,
     batch_size: int = 256,
     samples: int = 1,
     temperature: float = 1.0,
     mesh: Mesh | None = None,
 ) -> tuple[dict[str, float], list[dict]]:
-    """Evaluates `policy` on held-out problems.
+    """Evaluates `policy` on held-out rows.
 
     **Arguments:**
 
     - `policy`: the model.
-    - `tokenizer`: decodes completions.
-    - `problems`: the held-out problems (references in `answer`).
+    - `task`: the task (tokenizer, evaluation functions, scorer).
+    - `rows`: the held-out rows.
     - `prompt_ids`, `prompt_mask`: their left-padded prompts.
     - `key`: PRNG key for sampled completions.
     - `max_new_tokens`: completion cap.
-    - `eos_token_ids`, `pad_token_id`: from the tokenizer.
     - `batch_size`: prompts per generation call.
     - `samples`: k for pass@k / maj@k (1: greedy only).
     - `temperature`: sampling temperature for k > 1.
@@ -101,41 +110,56 @@ def evaluate(
 
     **Returns:**
 
-    `(metrics, records)`: `eval/accuracy` (greedy, strict), `eval/accuracy_flexible`,
-    `eval/pass@k`, `eval/maj@k`, and one record per problem (question, completion, correct).
+    `(metrics, records)`: `eval/<name>` for each evaluation function (greedy; the mean over the
+    rows it applies to), `eval/pass@k` and `eval/maj@k` for the first 0/1-valued one
+    (`eval/<name>/pass@k`, `eval/<name>/maj@k` for the others; maj@k needs a function that
+    carries a `vote_key`), `eval/failed`, and one record per row (prompt, completion, scores).
     """
     common = dict(
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
-        eos=eos_token_ids,
-        pad=pad_token_id,
+        eos=task.eos_token_ids,
+        pad=task.pad_token_id,
         mesh=mesh,
     )
+    functions = task.evaluations
+    which = [task.scorer.functions.index(f) for f in functions]
+    indices = list(range(len(rows)))
     greedy = _complete(policy, prompt_ids, prompt_mask, key, temperature=0.0, **common)
-    records, strict, flexible = [], [], []
-    for problem, tokens in zip(problems, greedy, strict=True):
-        text = tokenizer.decode(tokens, skip_special_tokens=True)
-        ok_strict = is_correct(text, problem.answer, mode="strict")
-        ok_flexible = is_correct(text, problem.answer, mode="flexible")
-        strict.append(ok_strict)
-        flexible.append(ok_flexible)
-        records.append({"question": problem.question, "completion": text, "correct": ok_strict})
-    metrics = {
-        "eval/accuracy": float(np.mean(strict)),
-        "eval/accuracy_flexible": float(np.mean(flexible)),
-    }
+    batch = task.batch(rows, indices, greedy)
+    values, failed = task.scorer.score(batch, which)
+    metrics = {}
+    for function, row in zip(functions, values, strict=True):
+        metrics[f"eval/{function.name}"] = float(np.nanmean(row)) if (~np.isnan(row)).any() else 0.0
+    metrics["eval/failed"] = float(np.mean(failed > 0))
+    texts = [c if isinstance(c, str) else c[0]["content"] for c in batch.completions]
+    records = []
+    for i, prompt in enumerate(batch.prompts):
+        record = {task.prompt_key: prompt, "completion": texts[i]}
+        for function, row in zip(functions, values, strict=True):
+            record[function.name] = None if np.isnan(row[i]) else float(row[i])
+        records.append(record)
     if samples > 1:
         ids = np.repeat(prompt_ids, samples, axis=0)
         mask = np.repeat(prompt_mask, samples, axis=0)
         sampled = _complete(policy, ids, mask, key, temperature=temperature, **common)
-        passes, majorities = [], []
-        for i, problem in enumerate(problems):
-            texts = [
-                tokenizer.decode(t, skip_special_tokens=True)
-                for t in sampled[i * samples : (i + 1) * samples]
-            ]
-            passes.append(any(is_correct(t, problem.answer, mode="strict") for t in texts))
-            majorities.append(majority_correct(texts, problem.answer))
-        metrics[f"eval/pass@{samples}"] = float(np.mean(passes))
-        metrics[f"eval/maj@{samples}"] = float(np.mean(majorities))
+        sampled_batch = task.batch(rows, np.repeat(indices, samples).tolist(), sampled)
+        sampled_values, _ = task.scorer.score(sampled_batch, which)
+        sampled_texts = [
+            c if isinstance(c, str) else c[0]["content"] for c in sampled_batch.completions
+        ]
+        binary = [i for i, row in enumerate(sampled_values) if _is_binary(row)]
+        for position, f in enumerate(binary):
+            name = "" if position == 0 else f"{functions[f].name}/"
+            scores = np.nan_to_num(sampled_values[f]).reshape(len(rows), samples)
+            metrics[f"eval/{name}pass@{samples}"] = float(np.mean(scores.max(axis=1)))
+            vote_key = getattr(functions[f].function, "vote_key", None)
+            if vote_key is not None:
+                majorities = [
+                    majority_score(
+                        sampled_texts[i * samples : (i + 1) * samples], scores[i], vote_key
+                    )
+                    for i in range(len(rows))
+                ]
+                metrics[f"eval/{name}maj@{samples}"] = float(np.mean(majorities))
     return metrics, records

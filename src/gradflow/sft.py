@@ -35,14 +35,14 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from .config import ConfigError, _suggest, build_section, parse_override
-from .data import Problem
 from .logprobs import completion_logprobs
 from .models import Decoder, ModelConfig, init_from_config, save_hf
 from .optim import Optimizer
 from .rewards.gsm8k import is_correct
 from .rollout import generate as sample
-from .task import tokenize_prompts
 from .tasks import ArithmeticTask, build_tokenizer, generate, save_tokenizer, task_prompt
+from .tasks.rows import Problem
+from .tasks.task import tokenize_prompts
 
 
 @dataclasses.dataclass(frozen=True)

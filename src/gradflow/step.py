@@ -220,9 +220,10 @@ def _rollout_metrics(completions, rewards, group: int) -> dict[str, Array]:
         "completion/tokens": jnp.sum(lengths),
     }
     for name, values in rewards.parts.items():
-        metrics[f"reward/{name}"] = jnp.mean(values)
+        applies = rewards.applicable.get(name, jnp.ones_like(values, bool))
+        metrics[f"reward/{name}"] = _masked_mean(values, applies)
     if "correct" in rewards.parts:
-        metrics["train/accuracy"] = jnp.mean(rewards.parts["correct"])
+        metrics["train/accuracy"] = metrics["reward/correct"]
     return metrics
 
 

@@ -27,6 +27,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from . import algorithms
+from .assets import resolve_path
 from .batch import Prompts
 from .checkpoint import (
     list_checkpoints,
@@ -43,7 +44,7 @@ from .run_log import RunLogger
 from .sharding import batch_size_divisor, check_batch, make_mesh, shard_prompts, shard_state
 from .state import TrainState, init_state
 from .step import step as rl_step
-from .task import Task, build_task, model_directory, resolve_path
+from .tasks.task import Task, build_task, model_directory
 
 logger = logging.getLogger(__name__)
 
@@ -322,14 +323,12 @@ class Trainer:
         start = time.perf_counter()
         metrics, records = evaluate(
             self.state.policy,
-            self.task.tokenizer,
-            self.task.test[:size],
+            self.task,
+            self.task.test.head(size),
             bank.ids[:size],
             bank.mask[:size],
             key=jax.random.fold_in(jax.random.key(self.config.run.seed + 1), step),
             max_new_tokens=self.max_new_tokens,
-            eos_token_ids=self.task.eos_token_ids,
-            pad_token_id=self.task.pad_token_id,
             batch_size=min(ec.batch_size, size),
             samples=ec.samples,
             temperature=ec.temperature,
@@ -365,7 +364,7 @@ class Trainer:
         for i in range(tokens.shape[0]):
             rows.append(
                 {
-                    "prompt": self.task.train[int(index[i])].question,
+                    "prompt": self.task.train.columns[self.task.prompt_key][int(index[i])],
                     "completion": self.task.tokenizer.decode(
                         tokens[i][mask[i]], skip_special_tokens=True
                     ),
@@ -396,6 +395,7 @@ class Trainer:
         try:
             return self._run()
         finally:
+            self.task.close()
             if handle_sigint:
                 signal.signal(signal.SIGINT, previous)
 

@@ -4,14 +4,9 @@ Model output is only ever parsed with regular expressions and `decimal.Decimal`;
 evaluated.
 """
 
-import logging
-import math
 import re
-from collections.abc import Callable
 from decimal import Decimal
 from fractions import Fraction
-
-logger = logging.getLogger(__name__)
 
 MODES = ("strict", "flexible")
 
@@ -33,8 +28,6 @@ _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
 _ANSWER_IS = re.compile(r"\b(?:final\s+)?answer\b[*_\s]*(?:is\b[*_\s]*:?|:)", re.IGNORECASE)
 _DIGIT = re.compile(r"\d")
-
-_warned: set[str] = set()
 
 
 def _clean(fragment: str) -> str:
@@ -104,8 +97,17 @@ def _after_last_hashes(text: str) -> str | None:
     return _leading_number(line)
 
 
-def _boxed_contents(text: str) -> list[str]:
-    """Contents of every `\\boxed{...}` (and `\\fbox{...}`), nested braces matched."""
+def boxed_contents(text: str) -> list[str]:
+    """Contents of every `\\boxed{...}` (and `\\fbox{...}`), nested braces matched.
+
+    **Arguments:**
+
+    - `text`: a completion.
+
+    **Returns:**
+
+    The contents, in order.
+    """
     contents = []
     for match in _BOXED.finditer(text):
         depth = 1
@@ -152,7 +154,7 @@ def extract_answer(text: str, *, mode: str = "flexible") -> str | None:
     if answer is not None or mode == "strict":
         return answer
     for fragments in (
-        _boxed_contents(text),
+        boxed_contents(text),
         _ANSWER_TAG.findall(text),
         [text[m.end() : m.end() + 100] for m in _ANSWER_IS.finditer(text)],
     ):
@@ -242,40 +244,3 @@ def format_ok(completion: str) -> bool:
         if line.startswith(_HASHES) and normalize_number(line[len(_HASHES) :]) is not None:
             return True
     return False
-
-
-def safe_score(fn: Callable[..., object], *args: object) -> tuple[float, bool]:
-    """Call a reward function so that a failure scores 0 instead of ending the run.
-
-    An exception (other than `KeyboardInterrupt`/`SystemExit`), a non-numeric result or a
-    non-finite value gives `(0.0, False)`; a warning is logged once per exception type (and once
-    for non-finite values).
-
-    **Arguments:**
-
-    - `fn`: the reward function.
-    - `args`: its positional arguments.
-
-    **Returns:**
-
-    `(value, ok)`: the reward as a float and whether it was computed successfully.
-    """
-    try:
-        raw = fn(*args)
-        if isinstance(raw, str | bytes):
-            raise TypeError(f"reward returned {type(raw).__name__}, expected a number")
-        value = float(raw)
-    except Exception as e:
-        key = type(e).__qualname__
-        if key not in _warned:
-            _warned.add(key)
-            name = getattr(fn, "__qualname__", repr(fn))
-            logger.warning("reward %s raised %s: %s; scored 0 (warned once)", name, key, e)
-        return 0.0, False
-    if not math.isfinite(value):
-        if "non-finite" not in _warned:
-            _warned.add("non-finite")
-            name = getattr(fn, "__qualname__", repr(fn))
-            logger.warning("reward %s returned %s; scored 0 (warned once)", name, value)
-        return 0.0, False
-    return value, True

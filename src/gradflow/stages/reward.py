@@ -5,26 +5,38 @@ Rewards written in Python over decoded text (`HostReward`) enter the compiled st
 """
 
 import abc
+import logging
 from collections.abc import Callable
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float
+from jaxtyping import Array, Bool, Float
 
 from ..batch import Prompts
 from ..rollout import Completions
 
 # scorer(completion_tokens [B, N], completion_mask [B, N], prompt_index [B]) -> float32 [parts, B]
+logger = logging.getLogger(__name__)
+
 HostScorer = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 
 class RewardOutput(eqx.Module):
-    """The total reward of each completion and its named parts (unweighted)."""
+    """The total reward of each completion and its named parts (unweighted).
+
+    **Fields:**
+
+    - `total`: the reward the advantage sees.
+    - `parts`: each part's value (0 where it does not apply).
+    - `applicable`: where each part applies (a reward function that returned `None` does not);
+        a part missing here applies everywhere. Logged means count only these samples.
+    """
 
     total: Float[Array, " batch"]
     parts: dict[str, Float[Array, " batch"]]
+    applicable: dict[str, Bool[Array, " batch"]] = eqx.field(default_factory=dict)
 
 
 class AbstractReward(eqx.Module):
@@ -38,14 +50,17 @@ class AbstractReward(eqx.Module):
 class HostReward(AbstractReward):
     """A Python scorer over decoded text, called on the host through `jax.pure_callback`.
 
-    The scorer returns one row per named part; the total is their weighted sum. A part named
-    `correct` is also reported as accuracy. Scorers catch their own exceptions and NaNs (see
-    `gradflow.rewards.gsm8k.safe_score`): a failing sample scores 0 and the run goes on; the
-    part `failed` counts them.
+    The scorer returns one row per named part; the total is their weighted sum. NaN in a row
+    means "does not apply" (a reward function's `None`): that sample's part counts 0 in the
+    total and is left out of the part's logged mean. A part named `correct` is also reported as
+    accuracy. Scorers catch their own failures (`gradflow.tasks.scoring`): a failing sample
+    scores 0 and the run goes on; the part `failed` counts them. A scorer that raises costs its
+    batch (every part 0, `failed` 1), not the step.
 
     **Fields:**
 
-    - `scorer`: `(tokens, mask, prompt_index) -> float32 [len(parts), batch]`.
+    - `scorer`: `(tokens, mask, prompt_index) -> float32 [len(parts), batch]` (NaN: does not
+        apply).
     - `parts`: the names of the scorer's rows.
     - `weights`: the weight of each part in the total.
     """
@@ -63,10 +78,19 @@ class HostReward(AbstractReward):
         shape = jax.ShapeDtypeStruct((len(self.parts), batch), jnp.float32)
 
         def host(tokens, mask, index):
-            out = np.asarray(
-                self.scorer(np.asarray(tokens), np.asarray(mask), np.asarray(index)), np.float32
-            )
-            return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
+            try:
+                out = np.asarray(
+                    self.scorer(np.asarray(tokens), np.asarray(mask), np.asarray(index)),
+                    np.float32,
+                )
+            except Exception:  # an error here would stop every device's step: count it instead
+                logger.exception(
+                    "the reward scorer failed; this batch scores 0 (counted as failed)"
+                )
+                out = np.full((len(self.parts), batch), np.nan, np.float32)
+                if "failed" in self.parts:
+                    out[self.parts.index("failed")] = 1.0
+            return np.where(np.isinf(out), np.nan, out)
 
         values = jax.pure_callback(
             host,
@@ -76,9 +100,12 @@ class HostReward(AbstractReward):
             prompts.index,
             vmap_method="sequential",
         )
-        parts = {name: values[i] for i, name in enumerate(self.parts)}
+        applicable = {name: ~jnp.isnan(values[i]) for i, name in enumerate(self.parts)}
+        parts = {name: jnp.nan_to_num(values[i]) for i, name in enumerate(self.parts)}
         total = sum(w * parts[name] for name, w in zip(self.parts, self.weights, strict=True))
-        return RewardOutput(total=jnp.asarray(total, jnp.float32), parts=parts)
+        return RewardOutput(
+            total=jnp.asarray(total, jnp.float32), parts=parts, applicable=applicable
+        )
 
 
 class OverlongPenalty(AbstractReward):
@@ -112,4 +139,4 @@ class OverlongPenalty(AbstractReward):
         excess = completions.lengths.astype(jnp.float32) - (cap - buffer)
         penalty = -jnp.clip(excess / buffer, 0.0, 1.0) * self.factor
         parts = {**out.parts, "overlong_penalty": penalty}
-        return RewardOutput(total=out.total + penalty, parts=parts)
+        return RewardOutput(total=out.total + penalty, parts=parts, applicable=out.applicable)

@@ -23,7 +23,7 @@ from typing import Literal
 
 import numpy as np
 
-from gradflow.data import Problem
+from gradflow.tasks.rows import Problem
 
 _OPERATORS = "+-"
 _TEST_BUCKETS = 10  # one hash bucket in ten is the test split

@@ -1,4 +1,5 @@
-"""Prompt text for math problems, and the tokenizer that encodes it."""
+"""Prompt text (plain, or through the tokenizer's chat template), and the tokenizer that encodes
+it."""
 
 import logging
 import os
@@ -46,6 +47,7 @@ def chat_prompt(
     *,
     system: str | None = DEFAULT_SYSTEM,
     instruction: str = DEFAULT_INSTRUCTION,
+    chat_template_kwargs: dict | None = None,
 ) -> str:
     """Prompt text from the tokenizer's chat template, ending with the assistant's turn opened.
 
@@ -55,6 +57,29 @@ def chat_prompt(
     - `question`: the problem.
     - `system`: the system message, or `None` for none (the template may add its own default).
     - `instruction`: appended to the user message on the line after the question.
+    - `chat_template_kwargs`: passed to `apply_chat_template` (e.g. `enable_thinking`).
+
+    **Returns:**
+
+    The prompt text (not tokenized).
+
+    **Raises:**
+
+    `ValueError` when the tokenizer has no chat template.
+    """
+    messages = [] if system is None else [{"role": "system", "content": system}]
+    messages.append({"role": "user", "content": f"{question}\n{instruction}"})
+    return chat_text(tokenizer, messages, chat_template_kwargs or {})
+
+
+def chat_text(tokenizer: PreTrainedTokenizerBase, messages: list[dict], kwargs: dict) -> str:
+    """Chat messages through the tokenizer's chat template, the assistant's turn opened.
+
+    **Arguments:**
+
+    - `tokenizer`: a tokenizer with a chat template.
+    - `messages`: `[{"role": ..., "content": ...}, ...]`.
+    - `kwargs`: passed to `apply_chat_template`.
 
     **Returns:**
 
@@ -67,11 +92,67 @@ def chat_prompt(
     if tokenizer.chat_template is None:
         raise ValueError(
             f"tokenizer {tokenizer.name_or_path!r} has no chat template; "
-            'set `prompt.template = "plain"` to use `plain_prompt` instead'
+            'set task.prompt_template = "plain" to use the prompts as they are'
         )
-    messages = [] if system is None else [{"role": "system", "content": system}]
-    messages.append({"role": "user", "content": f"{question}\n{instruction}"})
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True, **kwargs
+    )
+
+
+def _messages(prompt: object) -> list[dict] | None:
+    """The prompt as chat messages when it is a list of `{role, content}` dicts, else `None`."""
+    if isinstance(prompt, list) and all(
+        isinstance(m, dict) and "role" in m and "content" in m for m in prompt
+    ):
+        return prompt
+    return None
+
+
+def row_prompt(
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: object,
+    *,
+    template: str,
+    system: str,
+    chat_template_kwargs: dict,
+    bos: str,
+    where: str,
+) -> str:
+    """The prompt text of one dataset row.
+
+    **Arguments:**
+
+    - `tokenizer`: the tokenizer.
+    - `prompt`: the row's prompt: a string, or chat messages (`[{role, content}, ...]`).
+    - `template`: `"chat"` (strings become one user turn; messages go through the chat template
+        as they are) or `"plain"` (strings used as they are).
+    - `system`: a system message put before string prompts (and before messages that have none);
+        `""` for none.
+    - `chat_template_kwargs`: passed to `apply_chat_template`.
+    - `bos`: the BOS text plain prompts start with (`""` for tokenizers that add none).
+    - `where`: names the row in messages.
+
+    **Returns:**
+
+    The prompt text.
+    """
+    messages = _messages(prompt)
+    if messages is None and not isinstance(prompt, str):
+        raise ValueError(
+            f"{where}: the prompt is {type(prompt).__name__}, expected a string or chat messages "
+            "([{role, content}, ...])"
+        )
+    if template == "plain":
+        if messages is not None:
+            raise ValueError(
+                f'{where}: the prompt is chat messages; set task.prompt_template = "chat"'
+            )
+        return bos + prompt
+    if messages is None:
+        messages = [{"role": "user", "content": prompt}]
+    if system and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system}, *messages]
+    return chat_text(tokenizer, messages, chat_template_kwargs)
 
 
 def load_tokenizer(path: str | os.PathLike[str] | None) -> PreTrainedTokenizerBase:

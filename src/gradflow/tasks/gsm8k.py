@@ -1,82 +1,23 @@
 """Problems (question + reference answer) from JSON-lines files and from GSM8K."""
 
-import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
 
 from gradflow.assets import asset_path
-from gradflow.data.errors import DataError
+from gradflow.tasks.errors import DataError
+from gradflow.tasks.files import validate_jsonl
+from gradflow.tasks.rows import Problem
 
 SPLITS = ("train", "test")
 SOURCES = ("local", "hub")
 _FIELDS = ("question", "answer")
 
 
-@dataclass(frozen=True)
-class Problem:
-    """One task instance.
-
-    **Arguments:**
-
-    - `question`: the prompt text shown to the model.
-    - `answer`: the reference: for GSM8K the full solution ending in `#### N`, for other tasks
-        the reference answer.
-    """
-
-    question: str
-    answer: str
-
-
 def _problems(ds: datasets.Dataset) -> list[Problem]:
     """The rows of a dataset with `question` and `answer` columns, as problems."""
     return [Problem(q, a) for q, a in zip(ds["question"], ds["answer"], strict=True)]
-
-
-def _validate_jsonl(path: Path) -> int:
-    """Check every line of a JSON-lines file with the stdlib `json` module.
-
-    **Arguments:**
-
-    - `path`: the file.
-
-    **Returns:**
-
-    The number of problems (non-blank lines).
-
-    **Raises:**
-
-    `DataError` naming the file and the 1-based line number of the first malformed line, or
-    naming the file when it holds no problems.
-    """
-    count = 0
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{where}: not valid UTF-8 ({e.reason})") from e
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from e
-            if not isinstance(record, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            for field in _FIELDS:
-                if field not in record:
-                    raise DataError(f'{where}: missing field "{field}"')
-                if not isinstance(record[field], str):
-                    kind = type(record[field]).__name__
-                    raise DataError(f'{where}: field "{field}" must be a string, got {kind}')
-            count += 1
-    if count == 0:
-        raise DataError(f"no problems in {path}")
-    return count
 
 
 def load_jsonl_problems(path: str | os.PathLike[str]) -> list[Problem]:
@@ -101,7 +42,9 @@ def load_jsonl_problems(path: str | os.PathLike[str]) -> list[Problem]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no data file at {path}")
-    count = _validate_jsonl(path)
+    count = validate_jsonl(path, string_fields=_FIELDS)
+    if count == 0:
+        raise DataError(f"no problems in {path}")
     ds = datasets.load_dataset("json", data_files=str(path), split="train", keep_in_memory=True)
     if len(ds) != count:
         raise DataError(f"{path}: datasets read {len(ds)} rows, expected {count}")
