@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             print(config.to_toml(), end="")
             return 0
         init_distributed(args)
-        from gradflow.train import AlreadyFinished, TrainingError, train
+        from gradflow.resume import AlreadyFinished, ResumeError
+        from gradflow.train import TrainingError, train
 
         try:
             run_dir, final = train(config, config_name=Path(args.config).stem)
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except TrainingError as error:
+    except (TrainingError, ResumeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -407,7 +407,43 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
-def load_config(path: "str | Path", overrides: list[str] = ()) -> Config:
+def read_toml(path: "str | Path", overrides: "list[str] | tuple[str, ...]" = ()) -> dict[str, Any]:
+    """Reads a TOML file and applies `section.key=value` overrides to the parsed tables.
+
+    **Arguments:**
+
+    - `path`: the TOML file.
+    - `overrides`: dotted overrides (values parsed as TOML, else strings).
+
+    **Returns:**
+
+    Nested dictionaries, as TOML gives them.
+
+    **Raises:**
+
+    `ConfigError` for a missing or invalid file or a malformed override.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: invalid TOML: {error}") from None
+    for override in overrides:
+        keys, value = parse_override(override)
+        if len(keys) < 2:
+            raise ConfigError(f"override {override!r} must look like section.key=value")
+        table = raw
+        for part in keys[:-1]:
+            table = table.setdefault(part, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"override {override!r}: {part} is not a table")
+        table[keys[-1]] = value
+    return raw
+
+
+def load_config(path: "str | Path", overrides: "list[str] | tuple[str, ...]" = ()) -> Config:
     """Reads a TOML config and applies `section.key=value` overrides.
 
     **Arguments:**
@@ -419,22 +455,7 @@ def load_config(path: "str | Path", overrides: list[str] = ()) -> Config:
 
     The validated `Config`.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"{path}: invalid TOML: {error}") from None
-    for override in overrides:
-        keys, value = parse_override(override)
-        table = raw
-        for part in keys[:-1]:
-            table = table.setdefault(part, {})
-            if not isinstance(table, dict):
-                raise ConfigError(f"override {override!r}: {part} is not a table")
-        table[keys[-1]] = value
-    return build_config(raw, source=str(path))
+    return build_config(read_toml(path, overrides), source=str(path))
 
 
 def build_config(raw: dict[str, Any], *, source: str = "") -> Config:

@@ -23,7 +23,6 @@ The config is TOML with the sections below (frozen dataclasses, every key read; 
 import dataclasses
 import json
 import time
-import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from .config import ConfigError, _suggest, build_section, parse_override
+from .config import ConfigError, _suggest, build_section, read_toml
 from .logprobs import completion_logprobs
 from .models import Decoder, ModelConfig, init_from_config, save_hf
 from .optim import Optimizer
@@ -231,21 +230,7 @@ def load_sft_config(path: "str | Path", overrides: "list[str] | tuple[str, ...]"
 
     `ConfigError` for a missing or invalid file, a malformed override or an invalid config.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"{path}: invalid TOML: {error}") from None
-    for override in overrides:
-        keys, value = parse_override(override)
-        if len(keys) != 2:
-            raise ConfigError(f"override {override!r} must look like section.key=value")
-        section = raw.setdefault(keys[0], {})
-        if not isinstance(section, dict):
-            raise ConfigError(f"override {override!r}: {keys[0]} is not a table")
-        section[keys[1]] = value
+    raw = read_toml(path, overrides)
     return build_sft_config(raw, source=str(path))
 
 

@@ -26,17 +26,16 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from . import algorithms
+from . import algorithms, resume
+from .algorithms import Algorithm
 from .assets import resolve_path
 from .batch import Prompts
 from .checkpoint import (
-    list_checkpoints,
-    read_manifest,
     restore_checkpoint,
     save_checkpoint,
     to_host,
 )
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError
 from .evaluate import evaluate
 from .models import ModelConfig, init_from_config, load_hf, save_hf
 from .plots import plot_curves
@@ -51,10 +50,6 @@ logger = logging.getLogger(__name__)
 
 class TrainingError(RuntimeError):
     """The run cannot go on (e.g. a non-finite loss with `run.nonfinite = "stop"`)."""
-
-
-class AlreadyFinished(Exception):
-    """Resuming a run that has already done all its steps."""
 
 
 def prompt_indices(step: int, prompts: int, size: int, seed: int) -> np.ndarray:
@@ -155,140 +150,121 @@ def run_directory(config: Config, config_name: str) -> Path:
     return path
 
 
-def _same_on_every_process(value: int, what: str) -> None:
-    """Raises on every process unless they all hold the same `value` (e.g. the step a resume
-    starts at)."""
-    if jax.process_count() == 1:
-        return
-    values = np.asarray(multihost_utils.process_allgather(np.int64(value))).ravel()
-    if (values != values[0]).any():
-        raise TrainingError(
-            f"process {jax.process_index()} found {what} {value}, process 0 found "
-            f"{int(values[0])}: run.output_dir must be on a file system every host sees"
-        )
+def build_algorithm(config: Config, task: Task) -> Algorithm:
+    """The configured preset with the task's reward and tokens.
 
+    **Arguments:**
 
-# What a resumed run may change: how long it trains, what it logs and evaluates, and its mesh.
-RESUMABLE_CHANGES = (
-    "run.resume",
-    "run.output_dir",
-    "train.steps",
-    "eval.",
-    "checkpoint.",
-    "logging.",
-    "mesh.",
-)
+    - `config`: the run config.
+    - `task`: the task.
 
+    **Returns:**
 
-def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and not (prefix == "model." and key == "overrides"):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def _check_same_run(config: Config, saved: Path) -> None:
-    """Raises unless `config` continues the run whose resolved config is `saved`: anything
-    that shapes the training trajectory (model, task, algorithm, seed, batch) must be unchanged."""
-    if not saved.is_file():
-        return
-    before = _flat(load_config(saved).to_dict())
-    now = _flat(config.to_dict())
-    changed = [
-        f"{key} {before.get(key)!r} -> {now.get(key)!r}"
-        for key in sorted(set(before) | set(now))
-        if before.get(key) != now.get(key) and not key.startswith(RESUMABLE_CHANGES)
-    ]
-    if changed:
-        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+    The `Algorithm`.
+    """
+    reward = task.reward()
+    algorithm = algorithms.make(
+        config.algorithm_name,
+        reward=reward,
+        eos_token_ids=task.eos_token_ids,
+        pad_token_id=task.pad_token_id,
+        **config.hyperparameters,
+    )
+    metric = getattr(algorithm.rollout, "metric", None)  # dynamic sampling judges groups by it
+    if metric is not None and metric not in (*reward.parts, "overlong_penalty"):
         raise ConfigError(
-            f"run.resume: the run in {saved.parent} was started with a different config "
-            f"({', '.join(changed[:3])}{more}); resume it with the config it was started with "
-            "(only train.steps, [eval], [checkpoint], [logging] and [mesh] may change), or "
-            "start a new run.output_dir"
+            f"algorithm.dynamic_sampling_metric = {metric!r} is not a reward part of this task "
+            f"(its parts: {', '.join(reward.parts)}); name one, or name a [[reward]] {metric!r}"
         )
+    return algorithm
+
+
+def check_layout(config: Config, task: Task, policy, algorithm: Algorithm, mesh, say) -> None:
+    """Checks that the model, the prompts and the batch fit together and over the mesh.
+
+    **Arguments:**
+
+    - `config`: the run config.
+    - `task`: the task.
+    - `policy`: the initial policy.
+    - `algorithm`: the algorithm.
+    - `mesh`: the device mesh.
+    - `say`: prints a note (micro-batches that do not split over the devices).
+
+    **Returns:**
+
+    Nothing.
+    """
+    _check_shapes(config, task, policy, algorithm.rollout.max_new_tokens)
+    check_batch(config.train.prompts_per_step, algorithm.rollout.group_size, mesh)
+    loss = algorithm.loss
+    rows = config.train.prompts_per_step * algorithm.rollout.group_size
+    if rows % (loss.minibatches * loss.micro_batches):
+        raise ConfigError(
+            f"train.prompts_per_step × algorithm.group_size = {rows} sequences do not divide "
+            f"into algorithm.minibatches × algorithm.micro_batches = {loss.minibatches} × "
+            f"{loss.micro_batches}"
+        )
+    per_micro_batch = rows // (loss.minibatches * loss.micro_batches)
+    shards = batch_size_divisor(mesh)
+    if per_micro_batch % shards:
+        say(
+            f"note: micro-batches of {per_micro_batch} sequences do not split over "
+            f"mesh.data × mesh.fsdp = {shards} devices, so every device computes each of them "
+            "whole; fewer algorithm.minibatches × algorithm.micro_batches avoid that"
+        )
+
+
+def build_state(
+    config: Config, algorithm: Algorithm, policy, mesh, start: resume.Resume
+) -> TrainState:
+    """The train state laid out over the mesh, restored from the checkpoint a resume names.
+
+    **Arguments:**
+
+    - `config`: the run config.
+    - `algorithm`: the algorithm.
+    - `policy`: the initial policy.
+    - `mesh`: the device mesh.
+    - `start`: where the run starts.
+
+    **Returns:**
+
+    The `TrainState`.
+    """
+    policy = shard_state(policy, mesh)
+    state = init_state(algorithm, policy, key=jax.random.key(config.run.seed))
+    state = shard_state(state, mesh)
+    return restore_checkpoint(start.checkpoint, state) if start.resumed else state
 
 
 class Trainer:
     """Holds what the loop needs; `run()` trains."""
 
     def __init__(self, config: Config, run_dir: Path):
-        self.config = config
-        self.run_dir = run_dir
+        self.config, self.run_dir = config, run_dir
         self.main_process = jax.process_index() == 0
         self.checkpoints = run_dir / "checkpoints"
-        latest = None
-        found = list_checkpoints(self.checkpoints)
-        if not config.run.resume and (found or (run_dir / "metrics.jsonl").exists()):
-            raise ConfigError(
-                f"{run_dir} already holds a run: pass run.resume=true to continue it, or "
-                "another run.output_dir"
-            )
-        if config.run.resume:
-            latest = found[-1] if found else None
-            if latest is not None:
-                _check_same_run(config, run_dir / "config.toml")
-            done = int(read_manifest(latest)["step"]) if latest else 0
-            _same_on_every_process(done, "a latest checkpoint at step")
-            if done >= config.train.steps:
-                raise AlreadyFinished(
-                    f"{run_dir} already finished {done} of {config.train.steps} steps; "
-                    "nothing to do"
-                )
-        if jax.process_count() > 1:  # every process checked the directory before any writes it
-            multihost_utils.sync_global_devices("gradflow: run directory checked")
-        self.start_step = 0
+        self.resume = resume.plan(config, run_dir)
         self.mesh = make_mesh(config.mesh)
+        processes = jax.process_count()
         self._print(
             f"mesh {dict(self.mesh.shape)} over {self.mesh.size} devices "
-            f"({jax.process_count()} process{'es' if jax.process_count() > 1 else ''})"
+            f"({processes} process{'es' if processes > 1 else ''})"
         )
         self.task = build_task(config)
         policy = load_policy(config)
-        self.algorithm = algorithms.make(
-            config.algorithm_name,
-            reward=self.task.reward(),
-            eos_token_ids=self.task.eos_token_ids,
-            pad_token_id=self.task.pad_token_id,
-            **config.hyperparameters,
-        )
-        self.max_new_tokens = self.algorithm.rollout.max_new_tokens
-        _check_shapes(config, self.task, policy, self.max_new_tokens)
-        check_batch(config.train.prompts_per_step, self.algorithm.rollout.group_size, self.mesh)
-        loss = self.algorithm.loss
-        rows = config.train.prompts_per_step * self.algorithm.rollout.group_size
-        if rows % (loss.minibatches * loss.micro_batches):
-            raise ConfigError(
-                f"train.prompts_per_step × algorithm.group_size = {rows} sequences do not divide "
-                f"into algorithm.minibatches × algorithm.micro_batches = {loss.minibatches} × "
-                f"{loss.micro_batches}"
-            )
-        per_micro_batch = rows // (loss.minibatches * loss.micro_batches)
-        shards = batch_size_divisor(self.mesh)
-        if per_micro_batch % shards:
-            self._print(
-                f"note: micro-batches of {per_micro_batch} sequences do not split over "
-                f"mesh.data × mesh.fsdp = {shards} devices, so every device computes each of them "
-                "whole; fewer algorithm.minibatches × algorithm.micro_batches avoid that"
-            )
-        policy = shard_state(policy, self.mesh)
-        self.state: TrainState = shard_state(
-            init_state(self.algorithm, policy, key=jax.random.key(config.run.seed)), self.mesh
-        )
-        resumed = None
-        if latest is not None:
-            self.state = restore_checkpoint(latest, self.state)
-            self.start_step = resumed = int(read_manifest(latest)["step"])
-            self._print(f"resuming from {latest} (step {resumed})")
+        self.algorithm = build_algorithm(config, self.task)
+        check_layout(config, self.task, policy, self.algorithm, self.mesh, self._print)
+        self.state = build_state(config, self.algorithm, policy, self.mesh, self.resume)
+        if self.resume.resumed:
+            self._print(f"resuming from {self.resume.checkpoint} (step {self.resume.step})")
         elif config.run.resume:
             self._print(f"resume: no checkpoint in {self.checkpoints}, starting from step 0")
         if self.main_process:
             (run_dir / "config.toml").write_text(config.to_toml())
-        self.resumed = resumed is not None
-        self.log = RunLogger(run_dir, config, resumed_step=resumed, write=self.main_process)
+        resumed_step = self.resume.step if self.resume.resumed else None
+        self.log = RunLogger(run_dir, config, resumed_step=resumed_step, write=self.main_process)
         self.interrupted = False
 
     def _print(self, message: str) -> None:
@@ -328,7 +304,7 @@ class Trainer:
             bank.ids[:size],
             bank.mask[:size],
             key=jax.random.fold_in(jax.random.key(self.config.run.seed + 1), step),
-            max_new_tokens=self.max_new_tokens,
+            max_new_tokens=self.algorithm.rollout.max_new_tokens,
             batch_size=min(ec.batch_size, size),
             samples=ec.samples,
             temperature=ec.temperature,
@@ -347,11 +323,7 @@ class Trainer:
             self.checkpoints,
             self.state,
             step,
-            {
-                "data_position": step
-                * self.algorithm.rollout.prompts_to_sample(self.config.train.prompts_per_step),
-                "algorithm": self.config.algorithm_name,
-            },
+            {"algorithm": self.config.algorithm_name},
             keep=self.config.checkpoint.keep,
         )
 
@@ -380,7 +352,7 @@ class Trainer:
         self._print("interrupt: finishing the current step, then saving a checkpoint")
 
     def run(self) -> dict[str, float]:
-        """Trains from `start_step` to `train.steps`, evaluating and checkpointing on the way.
+        """Trains from the resumed step to `train.steps`, evaluating and checkpointing on the way.
 
         **Returns:**
 
@@ -414,11 +386,11 @@ class Trainer:
     def _run(self) -> dict[str, float]:
         config = self.config
         steps = config.train.steps
-        if self.start_step == 0 and not self.resumed:  # a resumed run logged eval@0 already
+        if not self.resume.resumed:  # a resumed run logged eval@0 already
             self.evaluate(0)
         bar = tqdm(
-            range(self.start_step, steps),
-            initial=self.start_step,
+            range(self.resume.step, steps),
+            initial=self.resume.step,
             total=steps,
             desc=config.algorithm_name,
             disable=not (config.logging.progress and self.main_process),
