@@ -6,18 +6,26 @@
 #   bash benchmarks/gpu.sh            # from the repository root; OUT=dir also keeps the tables
 #                                     # (.md, .json) there, and a profiler trace + HLO in OUT/trace
 #   PARTS=step bash benchmarks/gpu.sh # only the whole-step benchmark (PARTS=rollout: only rollout;
-#                                     # PARTS=flags: only gradflow's rollout under XLA flag variants)
+#                                     # PARTS=flags: only gradflow's rollout under XLA flag variants;
+#                                     # PARTS=delivery: the 100-step GSM8K run at the 0.5B shape)
 #
-# Prints the tables and gradflow's fraction of the 155,000 tokens/s roofline. The benchmark imports
-# only gradflow.models and gradflow.rollout (jax, equinox, jaxtyping, safetensors, numpy) plus
-# torch/transformers for the baseline, so beartype/wandb/datasets need not be installed.
+# Prints the tables and gradflow's fraction of the card's own decode roofline, measured in the
+# same run (benchmarks/roofline.py: the copy bandwidth over the bytes a decode step reads). The
+# rollout and step benchmarks import only gradflow.models and gradflow.rollout (jax, equinox,
+# jaxtyping, safetensors, numpy) plus torch/transformers for the baseline. The delivery run
+# needs what the device image lacks (wandb, datasets, pebble, ...): `bash benchmarks/gpu_wheels.sh`
+# here puts their wheels in .whl/, which this script installs when it is there (carry ".whl").
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false # share the GPU with torch
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 PYTHON="${PYTHON:-python}"
-PARTS="${PARTS:-rollout step flags}" # which benchmarks to run
+PARTS="${PARTS:-delivery rollout step flags}" # which benchmarks to run
+if [[ -d .whl ]]; then
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 "$PYTHON" -c 'import jax, torch; print("jax", jax.__version__, jax.devices(), "| torch", torch.__version__, torch.cuda.is_available())'
@@ -26,8 +34,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 if [[ "${TINY:-0}" == 1 ]]; then
   args=(--vocab 1024 --batch 8 --prompt-len 16 --new-tokens 16)
 else
-  args=(--config src/gradflow/assets/qwen2/qwen2-1.5b-instruct.config.json
-    --batch 256 --prompt-len 128 --new-tokens 256 --roofline 155000)
+  shape=(--config src/gradflow/assets/qwen2/qwen2-1.5b-instruct.config.json
+    --batch 256 --prompt-len 128 --new-tokens 256)
+  echo
+  roofline=$("$PYTHON" benchmarks/roofline.py "${shape[@]}" | tee /dev/stderr | tail -1)
+  args=("${shape[@]}" --roofline "$roofline")
 fi
 args+=(--dtype bfloat16 --repeats 3 --threads 0)
 plain_args=("${args[@]}")
@@ -63,6 +74,16 @@ if [[ " $PARTS " == *" step "* ]]; then
   else
     "$PYTHON" benchmarks/step.py "${step_args[@]}"
   fi
+fi
+
+# The delivery run: pipelines/run.py on GSM8K at the Qwen2.5-0.5B shape (random weights), 100
+# steps, W&B offline; a table of the exit status, tracebacks, steps logged, the algorithm read
+# back from the W&B record, the median step time and generated tokens/s.
+if [[ " $PARTS " == *" delivery "* ]]; then
+  echo
+  delivery=(--steps 100)
+  [[ "${TINY:-0}" == 1 ]] && delivery=(--steps 3 --tiny)
+  "$PYTHON" benchmarks/delivery.py "${delivery[@]}" ${OUT:+--out "$OUT"} || true
 fi
 
 # gradflow's rollout alone under XLA GPU flag variants (each in a fresh process: XLA reads its

@@ -14,7 +14,6 @@ import importlib.util
 import json
 import math
 import os
-import struct
 import subprocess
 import sys
 import time
@@ -30,13 +29,13 @@ import torch
 import transformers
 from google.protobuf.message import DecodeError
 from safetensors.numpy import load_file
-from wandb.proto import wandb_internal_pb2
 
 from gradflow import algorithms
 from gradflow.batch import Prompts
 from gradflow.checkpoint import STATE_FILE, list_checkpoints, read_manifest
 from gradflow.config import build_config, load_config
 from gradflow.models import load_hf
+from gradflow.run_log import wandb_records
 from gradflow.sharding import shard_prompts, shard_state
 from gradflow.stages import RLOO
 from gradflow.state import init_state
@@ -84,41 +83,10 @@ def _jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def _wandb_records(path: Path):
-    """The records of a W&B transaction log (`run-*.wandb`), as `wandb_internal_pb2.Record`s.
-
-    The format is LevelDB's log: a 7-byte file header (`:W&B`, magic, version), then 32 KiB
-    blocks of chunks, each with a 7-byte header (CRC, length, type: full/first/middle/last).
-    """
-    data = path.read_bytes()
-    if len(data) < 7:  # not even the header yet
-        return
-    ident, magic, _ = struct.unpack("<4sHB", data[:7])
-    assert (ident, magic) == (b":W&B", 0xBEE1)
-    block, full, first, last = 32 * 1024, 1, 2, 4
-    pos, pending = 7, b""
-    while pos + 7 <= len(data):
-        left = block - pos % block
-        if left < 7:  # a block's tail too short for a chunk header is padding
-            pos += left
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        if kind == 0:  # zero padding up to the end of the block
-            pos += left
-            continue
-        chunk = data[pos + 7 : pos + 7 + length]
-        pos += 7 + length
-        pending = chunk if kind in (full, first) else pending + chunk
-        if kind in (full, last):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(pending)
-            yield record
-
-
 def _read(log: Path) -> list:
     """The records of a W&B log written so far (none while its last record is cut short)."""
     try:
-        return list(_wandb_records(log))
+        return list(wandb_records(log))
     except DecodeError:
         return []
 
@@ -135,7 +103,11 @@ def _run(root: Path, name: str) -> Path:
         # WANDB_MODE wins over logging.wandb: leave the config in charge.
         env.delenv("WANDB_MODE", raising=False)
         out_dir, final = train(config, config_name=name)
-    assert out_dir == run_dir and set(final) == {"eval/accuracy", "eval/accuracy_flexible", "eval/failed"}
+    assert out_dir == run_dir and set(final) == {
+        "eval/accuracy",
+        "eval/accuracy_flexible",
+        "eval/failed",
+    }
     return run_dir
 
 

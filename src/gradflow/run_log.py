@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import struct
 import uuid
 from pathlib import Path
 from typing import Any
@@ -175,3 +176,46 @@ class RunLogger:
         """Closes the W&B run."""
         if self.run is not None:
             self.run.finish()
+
+
+def wandb_records(path: Path):
+    """The records of a W&B transaction log (`run-*.wandb`), as `wandb_internal_pb2.Record`s
+    (what an offline run leaves to check it, e.g. its config).
+
+    The format is LevelDB's log: a 7-byte file header (`:W&B`, magic, version), then 32 KiB
+    blocks of chunks, each with a 7-byte header (CRC, length, type: full/first/middle/last).
+
+    **Arguments:**
+
+    - `path`: the `run-*.wandb` file.
+
+    **Returns:**
+
+    A generator of records (none while even the header is missing).
+    """
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    if len(data) < 7:  # not even the header yet
+        return
+    ident, magic, _ = struct.unpack("<4sHB", data[:7])
+    if (ident, magic) != (b":W&B", 0xBEE1):
+        raise ValueError(f"{path} is not a W&B transaction log")
+    block, full, first, last = 32 * 1024, 1, 2, 4
+    pos, pending = 7, b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # a block's tail too short for a chunk header is padding
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if kind == 0:  # zero padding up to the end of the block
+            pos += left
+            continue
+        chunk = data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        pending = chunk if kind in (full, first) else pending + chunk
+        if kind in (full, last):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            yield record
