@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
+from .attention import attend_blocked
 from .config import ModelConfig
 from .kv_cache import KVCache
 from .layers import DecoderLayer, attend, embed_tokens, norm, softcap
@@ -47,6 +48,10 @@ class Decoder(eqx.Module):
 
     Parameters are stored in `param_dtype` (whatever they were created or loaded with) and cast to
     `compute_dtype` layer by layer; norms, RoPE, softmax statistics and logits are float32.
+    `attention_impl` chooses the attention of the forward pass and the prefill: `None` runs
+    `jax.nn.dot_product_attention`'s XLA path in the forward pass and `attend_blocked` (query
+    and key blocks, online softmax) in the prefill; `"xla"` or `"cudnn"` runs
+    `jax.nn.dot_product_attention` with that implementation in both.
     """
 
     embed: Float[Array, "vocab hidden"]
@@ -133,16 +138,19 @@ class Decoder(eqx.Module):
                 layer_cos = jnp.where(slides, local_cos, cos)
                 layer_sin = jnp.where(slides, local_sin, sin)
             q, k, v = layer.qkv(h, layer_cos, layer_sin, config)
-            out = attend(
-                q,
-                k,
-                v,
-                query_index,
-                key_valid,
-                window,
-                config.attention_scale,
-                self.attention_impl,
-            )
+            if keep_cache and self.attention_impl is None:
+                out = attend_blocked(q, k, v, key_valid, window, config.attention_scale)
+            else:
+                out = attend(
+                    q,
+                    k,
+                    v,
+                    query_index,
+                    key_valid,
+                    window,
+                    config.attention_scale,
+                    self.attention_impl,
+                )
             return layer.finish(h, out, config), (k, v) if keep_cache else None
 
         if self.remat != "none":
