@@ -349,6 +349,99 @@ def test_sampled_logprobs_are_those_of_the_unmodified_policy(checkpoints, prompt
     assert (sampling[~real] == 0).all()
 
 
+GROUP = 3
+
+
+def _group_and_repeated(model, ids, mask, **kwargs):
+    """`generate(group_size=GROUP)` on the distinct prompts, and `generate` on each prompt
+    repeated `GROUP` times (today's layout), with the same key and settings."""
+    common = dict(key=jax.random.key(5), max_new_tokens=NEW_TOKENS, pad_token_id=0, **kwargs)
+    grouped = generate(model, jnp.asarray(ids), jnp.asarray(mask), group_size=GROUP, **common)
+    repeated = generate(
+        model,
+        jnp.asarray(np.repeat(ids, GROUP, axis=0)),
+        jnp.asarray(np.repeat(mask, GROUP, axis=0)),
+        **common,
+    )
+    return grouped, repeated
+
+
+def test_group_greedy_completions_are_those_of_repeated_prompts(checkpoints, prompts):
+    """One prefill per prompt gives each of its `G` consecutive rows the greedy completion of the
+    prompt repeated `G` times, row for row (prompts of different lengths: a wrong row order or a
+    row given another prompt's cache shows)."""
+    ids, mask = prompts
+    grouped, repeated = _group_and_repeated(
+        checkpoints["qwen_gqa2"].model, ids, mask, temperature=0.0, eos_token_ids=(3,)
+    )
+    assert grouped.tokens.shape == (len(PROMPT_LENGTHS) * GROUP, NEW_TOKENS)
+    for field in ("tokens", "mask", "lengths", "finished"):
+        np.testing.assert_array_equal(
+            np.asarray(getattr(grouped, field)), np.asarray(getattr(repeated, field)), field
+        )
+    distinct = np.asarray(grouped.tokens)[::GROUP]
+    assert len({row.tobytes() for row in distinct}) == len(PROMPT_LENGTHS)
+    np.testing.assert_allclose(
+        np.asarray(grouped.logprobs), np.asarray(repeated.logprobs), atol=1e-5, rtol=0
+    )
+
+
+def test_group_sampled_logprobs_are_those_of_a_full_forward_pass(checkpoints, prompts):
+    """Sampled (temperature 0.7, top-k) with `group_size`: the draws of the repeated prompts
+    with the same key, the rows of a group differ, and every token's log-prob is HF's full
+    forward pass over prompt + completion."""
+    ckpt = checkpoints["llama_gqa3"]
+    ids, mask = prompts
+    grouped, repeated = _group_and_repeated(
+        ckpt.model, ids, mask, temperature=0.7, top_k=5, eos_token_ids=(3,)
+    )
+    check_completion_structure(grouped, 3, 0, NEW_TOKENS)
+    tokens = np.asarray(grouped.tokens)
+    np.testing.assert_array_equal(tokens, np.asarray(repeated.tokens))
+    assert any(len({r.tobytes() for r in g}) > 1 for g in tokens.reshape(-1, GROUP, NEW_TOKENS))
+    real = np.asarray(grouped.mask)
+    expected = completion_logprobs(
+        ckpt.hf, np.repeat(ids, GROUP, axis=0), np.repeat(mask, GROUP, axis=0), tokens, real
+    )
+    np.testing.assert_allclose(np.asarray(grouped.logprobs)[real], expected[real], atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_blocked_prefill_attention_masks_as_attend(dtype):
+    """`attend_blocked` (query/key blocks, online softmax) against `attend` (all scores at once):
+    left padding, GQA, sliding windows from 1 slot to wider than the prompt, blocks that split
+    the prompt unevenly, one block, and a block per token."""
+    from gradflow.models.attention import attend_blocked
+    from gradflow.models.layers import attend
+
+    rng = np.random.default_rng(0)
+    batch, time, heads, kv_heads, dim = 3, 7, 6, 2, 8
+
+    def draw(*shape):
+        return jnp.asarray(rng.standard_normal(shape), dtype)
+
+    q, k, v = (
+        draw(batch, time, heads, dim),
+        draw(batch, time, kv_heads, dim),
+        draw(batch, time, kv_heads, dim),
+    )
+    valid = np.ones((batch, time), bool)
+    valid[0, :3] = False
+    valid[1, :6] = False
+    valid = jnp.asarray(valid)
+    index = jnp.broadcast_to(jnp.arange(time), (batch, time))
+    tolerance = 1e-6 if dtype == "float32" else 2e-2
+    for window in (None, 1, 3, 9):
+        window = None if window is None else jnp.asarray(window, jnp.int32)
+        expected = np.asarray(attend(q, k, v, index, valid, window, 0.4), np.float32)
+        for block in (1, 3, 64):
+            out = attend_blocked(q, k, v, valid, window, 0.4, block)
+            assert out.dtype == q.dtype
+            np.testing.assert_allclose(
+                np.asarray(out, np.float32), expected, atol=tolerance, err_msg=f"{window} {block}"
+            )
+
+
 SAMPLES = 4000
 
 

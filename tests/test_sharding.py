@@ -172,6 +172,42 @@ def test_sharded_step_matches_one_device():
     assert moved > 1e-3  # the update did something
 
 
+def test_group_rows_split_with_their_prompts_over_8_devices():
+    """`generate(group_size=G)` on 8 prompts split over 8 devices: each device holds the `G`
+    consecutive rows of its own prompt, and every row is the one-device row of the prompts
+    repeated `G` times (same key)."""
+    group = 2
+    rng = np.random.default_rng(2)
+    ids = rng.integers(2, 64, (8, 5)).astype(np.int32)
+    mask = np.ones_like(ids, bool)
+    mask[0, :2] = False
+    mask[5, :4] = False
+    policy = init_from_config(SHAPE, key=jax.random.key(3))
+    settings = dict(key=jax.random.key(6), max_new_tokens=4, temperature=1.0)
+    alone = generate(
+        policy,
+        jnp.asarray(np.repeat(ids, group, axis=0)),
+        jnp.asarray(np.repeat(mask, group, axis=0)),
+        **settings,
+    )
+    mesh = _mesh(8, 1, 1)
+    placed_ids, placed_mask = shard_prompts((ids, mask), mesh)
+    assert len(placed_ids.addressable_shards[0].data) == 1  # a prompt per device
+    split = generate(
+        shard_state(policy, mesh), placed_ids, placed_mask, group_size=group, **settings
+    )
+    np.testing.assert_array_equal(np.asarray(split.tokens), np.asarray(alone.tokens))
+    np.testing.assert_allclose(np.asarray(split.logprobs), np.asarray(alone.logprobs), atol=1e-6)
+    assert len({row.tobytes() for row in np.asarray(alone.tokens)}) > 8  # rows of a group differ
+    shards = split.tokens.addressable_shards
+    assert len(shards) == 8
+    for shard in shards:
+        prompt = mesh.devices.reshape(-1).tolist().index(shard.device)
+        rows = shard.index[0]
+        assert (rows.start, rows.stop) == (prompt * group, (prompt + 1) * group)
+        np.testing.assert_array_equal(np.asarray(shard.data), np.asarray(alone.tokens)[rows])
+
+
 def test_evaluation_splits_its_rows_over_the_mesh(monkeypatch):
     """Held-out generation on a mesh gets its prompt rows split over data × fsdp (each device
     decodes its share, not the whole batch) and grades exactly as on one device."""

@@ -20,9 +20,12 @@ from .tasks.rows import Rows
 from .tasks.task import Task
 
 
-def _complete(policy, ids, mask, key, *, batch_size, max_new_tokens, temperature, eos, pad, mesh):
-    """Completions for every prompt row, in fixed-size batches (one compilation), each batch's
-    rows split over the mesh's `data × fsdp` devices when it has one."""
+def _complete(
+    policy, ids, mask, key, *, batch_size, samples, max_new_tokens, temperature, eos, pad, mesh
+):
+    """`samples` completions of every prompt row (consecutive), in fixed-size batches of prompts
+    (one compilation; each prompt prefilled once), each batch's prompts split over the mesh's
+    `data × fsdp` devices when it has one."""
     texts_tokens = []
     rows = ids.shape[0]
     for start in range(0, rows, batch_size):
@@ -43,9 +46,10 @@ def _complete(policy, ids, mask, key, *, batch_size, max_new_tokens, temperature
             temperature=temperature,
             eos_token_ids=eos,
             pad_token_id=pad,
+            group_size=samples,
         )
         tokens, keep = to_host(out.tokens), to_host(out.mask)
-        texts_tokens.extend(tokens[i][keep[i]] for i in range(batch_size - short))
+        texts_tokens.extend(tokens[i][keep[i]] for i in range((batch_size - short) * samples))
     return texts_tokens
 
 
@@ -102,7 +106,7 @@ def evaluate(
     - `prompt_ids`, `prompt_mask`: their left-padded prompts.
     - `key`: PRNG key for sampled completions.
     - `max_new_tokens`: completion cap.
-    - `batch_size`: prompts per generation call.
+    - `batch_size`: prompts per generation call (with `samples = k`, `k` rows each).
     - `samples`: k for pass@k / maj@k (1: greedy only).
     - `temperature`: sampling temperature for k > 1.
     - `mesh`: the training mesh (each generation batch's rows are split over `data × fsdp`), or
@@ -125,7 +129,7 @@ def evaluate(
     functions = task.evaluations
     which = [task.scorer.functions.index(f) for f in functions]
     indices = list(range(len(rows)))
-    greedy = _complete(policy, prompt_ids, prompt_mask, key, temperature=0.0, **common)
+    greedy = _complete(policy, prompt_ids, prompt_mask, key, samples=1, temperature=0.0, **common)
     batch = task.batch(rows, indices, greedy)
     values, failed = task.scorer.score(batch, which)
     metrics = {}
@@ -140,9 +144,15 @@ def evaluate(
             record[function.name] = None if np.isnan(row[i]) else float(row[i])
         records.append(record)
     if samples > 1:
-        ids = np.repeat(prompt_ids, samples, axis=0)
-        mask = np.repeat(prompt_mask, samples, axis=0)
-        sampled = _complete(policy, ids, mask, key, temperature=temperature, **common)
+        sampled = _complete(
+            policy,
+            prompt_ids,
+            prompt_mask,
+            key,
+            samples=samples,
+            temperature=temperature,
+            **common,
+        )
         sampled_batch = task.batch(rows, np.repeat(indices, samples).tolist(), sampled)
         sampled_values, _ = task.scorer.score(sampled_batch, which)
         sampled_texts = [

@@ -1,7 +1,9 @@
 """The sampler: prefill, then a `lax.while_loop` of one-token decode steps over a KV cache.
 
 Everything runs inside one compiled function: no Python loop per token and no host sync per token.
-The cache is allocated inside the compiled function and updated in place by the loop.
+The cache is allocated inside the compiled function and updated in place by the loop. With
+`group_size = G` each distinct prompt is prefilled once and its keys and values are copied to the
+`G` rows that continue it.
 """
 
 import functools
@@ -175,16 +177,19 @@ def generate(
     eos_token_ids: tuple[int, ...] = (),
     pad_token_id: int = 0,
     decode_attention: str = "auto",
+    group_size: int = 1,
 ) -> Completions:
-    """Samples completions for a left-padded batch of prompts.
+    """Samples `group_size` completions for each prompt of a left-padded batch.
 
-    Rows stop at EOS independently; the loop ends when every row has stopped or after
-    `max_new_tokens`. For `G` samples per prompt repeat each prompt `G` times consecutively.
+    Each prompt is prefilled once and its keys and values are copied to its `group_size` rows,
+    which then decode independently (the same completions as the prompt repeated `group_size`
+    times, for a `1/group_size` of the prefill). Rows stop at EOS independently; the loop ends
+    when every row has stopped or after `max_new_tokens`.
 
     **Arguments:**
 
     - `model`: the policy.
-    - `prompt_ids`: left-padded prompt ids.
+    - `prompt_ids`: left-padded prompt ids, one row per distinct prompt.
     - `prompt_mask`: 1 on real prompt tokens (left padding: real tokens last).
     - `key`: PRNG key.
     - `max_new_tokens`: the completion cap.
@@ -194,11 +199,15 @@ def generate(
     - `pad_token_id`: written after a row's end.
     - `decode_attention`: `"xla"`, `"pallas"` (JAX's Triton decode-attention kernel, which reads
       only the cache blocks in use) or `"auto"` (Pallas on a single GPU, XLA elsewhere).
+    - `group_size`: completions per prompt (`G`).
 
     **Returns:**
 
-    The `Completions`.
+    The `Completions` of `prompts × group_size` rows in consecutive groups: rows
+    `p*G … p*G+G-1` continue prompt `p`.
     """
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
     return _generate(
         model,
         prompt_ids,
@@ -211,6 +220,7 @@ def generate(
         eos_token_ids=tuple(eos_token_ids),
         pad_token_id=pad_token_id,
         decode_attention=decode_attention,
+        group_size=group_size,
     )
 
 
@@ -227,13 +237,17 @@ def _generate(
     eos_token_ids: tuple[int, ...],
     pad_token_id: int,
     decode_attention: str = "auto",
+    group_size: int = 1,
 ) -> Completions:
     """`generate` without its own `jit`, for use inside a larger compiled step."""
-    batch, prompt_len = prompt_ids.shape
+    prompts, prompt_len = prompt_ids.shape
+    batch = prompts * group_size
     decoding = DecodingModel.from_decoder(model, decode_attention)
     slots = decoding.cache_slots(prompt_len + max_new_tokens)
     hidden, cache = model.prefill(prompt_ids, prompt_mask, slots)
-    prompt_lengths = jnp.sum(prompt_mask.astype(jnp.int32), axis=1)
+    hidden = jnp.repeat(hidden, group_size, axis=0)
+    cache = cache.repeat(group_size)
+    prompt_lengths = jnp.repeat(jnp.sum(prompt_mask.astype(jnp.int32), axis=1), group_size)
     eos = jnp.asarray(eos_token_ids if eos_token_ids else (-1,), jnp.int32)
     # All the randomness up front: one uniform number per row and token (no PRNG work per step).
     uniforms = jax.random.uniform(key, (max_new_tokens, batch), jnp.float32)

@@ -46,3 +46,25 @@ class KVCache(eqx.Module):
 
         lengths = jnp.sum(prompt_mask.astype(jnp.int32), axis=1)
         return KVCache(keys=per_layer(keys), values=per_layer(values), start=prompt_len - lengths)
+
+    def repeat(self, group_size: int) -> "KVCache":
+        """Each row's cache `group_size` times, consecutively (rows `p*G … p*G+G-1` copy row `p`):
+        the cache of a group of completions of one prompt, prefilled once.
+
+        **Arguments:**
+
+        - `group_size`: copies of each row.
+
+        **Returns:**
+
+        The cache of `batch × group_size` rows.
+        """
+
+        def copies(layers):
+            return tuple(jnp.repeat(layer, group_size, axis=0) for layer in layers)
+
+        return KVCache(
+            keys=copies(self.keys),
+            values=copies(self.values),
+            start=jnp.repeat(self.start, group_size, axis=0),
+        )

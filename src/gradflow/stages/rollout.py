@@ -32,7 +32,8 @@ class AbstractRollout(eqx.Module):
 
     @abc.abstractmethod
     def __call__(self, policy: Decoder, prompts: Prompts, key: PRNGKeyArray) -> Completions:
-        """Samples completions for `prompts.repeat(group_size)`."""
+        """Samples `group_size` completions per prompt, in the rows of
+        `prompts.repeat(group_size)`."""
 
     @abc.abstractmethod
     def select(
@@ -82,11 +83,10 @@ class Sampling(AbstractRollout):
         return prompts_per_step
 
     def __call__(self, policy: Decoder, prompts: Prompts, key: PRNGKeyArray) -> Completions:
-        repeated = prompts.repeat(self.group_size)
         return _generate(
             policy,
-            repeated.ids,
-            repeated.mask,
+            prompts.ids,
+            prompts.mask,
             key,
             max_new_tokens=self.max_new_tokens,
             temperature=self.temperature,
@@ -94,6 +94,7 @@ class Sampling(AbstractRollout):
             top_k=self.top_k,
             eos_token_ids=self.eos_token_ids,
             pad_token_id=self.pad_token_id,
+            group_size=self.group_size,
         )
 
     def select(
