@@ -7,7 +7,9 @@
 #                                     # (.md, .json) there, and a profiler trace + HLO in OUT/trace
 #   PARTS=step bash benchmarks/gpu.sh # only the whole-step benchmark (PARTS=rollout: only rollout;
 #                                     # PARTS=flags: only gradflow's rollout under XLA flag variants;
-#                                     # PARTS=delivery: the 100-step GSM8K run at the 0.5B shape)
+#                                     # PARTS=delivery: the 100-step GSM8K run at the 0.5B shape;
+#                                     # PARTS=group: one prefill per prompt against a prefill per
+#                                     # row and against HF num_return_sequences)
 #
 # Prints the tables and gradflow's fraction of the card's own decode roofline, measured in the
 # same run (benchmarks/roofline.py: the copy bandwidth over the bytes a decode step reads). The
@@ -21,7 +23,7 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false # share the GPU with torch
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 PYTHON="${PYTHON:-python}"
-PARTS="${PARTS:-delivery rollout step flags}" # which benchmarks to run
+PARTS="${PARTS:-delivery rollout group step flags}" # which benchmarks to run
 if [[ -d .whl ]]; then
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
@@ -29,6 +31,16 @@ fi
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 "$PYTHON" -c 'import jax, torch; print("jax", jax.__version__, jax.devices(), "| torch", torch.__version__, torch.cuda.is_available())'
+
+# Runs a benchmark command, with `--out "$OUT"` when OUT is set.
+keeping_tables() {
+  if [[ -n "${OUT:-}" ]]; then
+    mkdir -p "$OUT"
+    "$@" --out "$OUT"
+  else
+    "$@"
+  fi
+}
 
 # TINY=1 swaps in tiny shapes for both parts (to check the script on a CPU).
 if [[ "${TINY:-0}" == 1 ]]; then
@@ -53,6 +65,22 @@ if [[ " $PARTS " == *" rollout "* ]]; then
   fi
 fi
 
+# G completions per prompt (the Qwen2.5-1.5B shape is Qwen2-1.5B's: 28 layers, hidden 1536,
+# 12/2 heads, tied 151,936 vocabulary): 32 prompts x 8 samples, 512-token prompts, 64 new
+# tokens; gradflow's generate(group_size=8) (one prefill per prompt) against the prompts
+# repeated 8 times (a prefill per row, blocked and dense attention) and HF
+# generate(num_return_sequences=8), in the same run.
+if [[ "${TINY:-0}" == 1 ]]; then
+  group_args=(--vocab 1024 --batch 2 --group 4 --prompt-len 32 --new-tokens 8)
+else
+  group_args=(--config src/gradflow/assets/qwen2/qwen2-1.5b-instruct.config.json
+    --batch 32 --group 8 --prompt-len 512 --new-tokens 64)
+fi
+group_args+=(--dtype bfloat16 --repeats 3 --threads 0 --parts)
+if [[ " $PARTS " == *" group "* ]]; then
+  keeping_tables "$PYTHON" benchmarks/rollout.py "${group_args[@]}"
+fi
+
 # Whole GRPO step (rollout + reward + update, one compiled step) of gradflow alone, on the same
 # shape: 64 prompts x 8 samples x 256 new tokens, random 128-token prompts, a cheap host reward,
 # float32 parameters with bfloat16 compute, rematerialisation saving matmul outputs ("dots") and 8 micro-batches in the
@@ -68,12 +96,7 @@ fi
 step_args+=(--synthetic --dtype float32 --compute-dtype bfloat16 --remat dots --micro-batches 8
   --steps 3 --threads 0 --peak-tflops 784)
 if [[ " $PARTS " == *" step "* ]]; then
-  if [[ -n "${OUT:-}" ]]; then
-    mkdir -p "$OUT"
-    "$PYTHON" benchmarks/step.py "${step_args[@]}" --out "$OUT"
-  else
-    "$PYTHON" benchmarks/step.py "${step_args[@]}"
-  fi
+  keeping_tables "$PYTHON" benchmarks/step.py "${step_args[@]}"
 fi
 
 # The delivery run: pipelines/run.py on GSM8K at the Qwen2.5-0.5B shape (random weights), 100

@@ -7,10 +7,17 @@ gradflow gets no EOS ids, HF gets `min_new_tokens=new_tokens`). Timings are the 
 `--repeats` runs (alternating between the two) after one warm-up run each; gradflow's compile
 time (first call minus median) is reported separately.
 
+With `--group G` each of the `--batch` prompts gets `G` completions, three ways side by side:
+gradflow's `generate(group_size=G)` (each prompt prefilled once, its keys/values copied to its `G`
+rows), gradflow on the prompts repeated `G` times (`per-row prefill`, with the prefill's blocked
+attention, and with `[rows, heads, T, T]` attention at once as before: `dense attention`), and HF
+`generate(num_return_sequences=G)`.
+
 Imports only `gradflow.models` and `gradflow.rollout` from gradflow (plus torch/transformers for
 the baseline), so it runs in a minimal GPU image.
 
     python benchmarks/rollout.py --batch 16 --prompt-len 32 --new-tokens 64
+    python benchmarks/rollout.py --batch 4 --group 8 --prompt-len 448 --new-tokens 32
 """
 
 import argparse
@@ -48,7 +55,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, help="an HF config.json (default: small Qwen2)")
     parser.add_argument("--vocab", type=int, help="override the config's vocab_size")
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=16, help="prompts")
+    parser.add_argument(
+        "--group",
+        type=int,
+        default=1,
+        help="completions per prompt; > 1 also times gradflow with a prefill per row",
+    )
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
@@ -95,15 +108,30 @@ def measure(runners: dict, repeats: int) -> dict:
             start = time.perf_counter()
             run(i + 1)
             results[name]["times_s"].append(time.perf_counter() - start)
-    for result in results.values():
+    for name, result in results.items():
         result["median_s"] = statistics.median(result["times_s"])
-    gradflow = results["gradflow"]
-    gradflow["compile_s"] = max(gradflow["first_s"] - gradflow["median_s"], 0.0)
+        if name.startswith("gradflow"):
+            result["compile_s"] = max(result["first_s"] - result["median_s"], 0.0)
     return results
 
 
-def gradflow_runner(model, prompt_ids, args):
-    """One call of `gradflow.rollout.generate` (blocking until the tokens are ready)."""
+def machine() -> str:
+    """The CPU model, whether it has AVX-512, the core count and the load average."""
+    flags, model = set(), "unknown CPU"
+    if os.path.exists("/proc/cpuinfo"):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model == "unknown CPU":
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    avx512 = "AVX-512" if "avx512f" in flags else "no AVX-512"
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return f"machine: {model} ({avx512}), {os.cpu_count()} cores, load average {load}"
+
+
+def gradflow_runner(model, prompt_ids, args, group_size: int):
+    """One call of `gradflow.rollout.generate` (blocking until the tokens are ready):
+    `group_size` completions of each row of `prompt_ids`."""
     ids = jnp.asarray(prompt_ids)
     mask = jnp.ones_like(ids)
 
@@ -116,6 +144,7 @@ def gradflow_runner(model, prompt_ids, args):
             max_new_tokens=args.new_tokens,
             temperature=1.0,
             eos_token_ids=(),
+            group_size=group_size,
         )
         lengths = np.asarray(jax.block_until_ready(completions.lengths))
         assert (lengths == args.new_tokens).all(), "gradflow generated fewer tokens than asked"
@@ -142,10 +171,13 @@ def hf_runner(hf_model, prompt_ids, args, torch, device):
                 min_new_tokens=args.new_tokens,
                 eos_token_id=0,  # masked out by min_new_tokens: no row stops early
                 pad_token_id=0,
+                num_return_sequences=args.group,
             )
         if device.type == "cuda":
             torch.cuda.synchronize()
-        assert out.shape[1] == ids.shape[1] + args.new_tokens, "HF generated a different length"
+        assert out.shape == (ids.shape[0] * args.group, ids.shape[1] + args.new_tokens), (
+            "HF generated a different shape"
+        )
 
     return run
 
@@ -177,31 +209,38 @@ def time_parts(model, prompt_ids, args) -> str:
     The decode step (at the middle of the completion) is timed with each decode-attention
     implementation that runs natively here (`"pallas"` only on a GPU). Each step is compared with
     the bytes it must read at least, as a bandwidth: every layer weight, plus the whole KV cache
-    (XLA attention) or the cache slots in use (Pallas); the sampling step: the LM head.
+    (XLA attention) or the cache slots in use (Pallas); the sampling step: the LM head. With
+    `--group G` the prefill runs once per prompt and includes the copy to the `G` rows.
     """
     ids = jnp.asarray(prompt_ids)
     mask = jnp.ones_like(ids)
+    rows = args.batch * args.group
     middle = args.prompt_len + args.new_tokens // 2
-    position = jnp.full((args.batch,), middle, jnp.int32)
-    token = jnp.zeros((args.batch,), jnp.int32)
+    position = jnp.full((rows,), middle, jnp.int32)
+    token = jnp.zeros((rows,), jnp.int32)
     decode = eqx.filter_jit(
         lambda d, c: d.decode(token, position, jnp.asarray(middle, jnp.int32), c), donate="warn"
     )
     sample = eqx.filter_jit(
         lambda d, h: sample_token(
             d.logits(h),
-            jax.random.uniform(jax.random.key(0), (args.batch,)),
+            jax.random.uniform(jax.random.key(0), (rows,)),
             temperature=1.0,
             top_k=0,
             top_p=1.0,
         )
     )
     implementations = ("pallas", "xla") if jax.default_backend() == "gpu" else ("xla",)
-    rows, total_s = [], 0.0
+    table_rows, total_s = [], 0.0
     for attention in implementations:
         decoding = eqx.filter_jit(DecodingModel.from_decoder)(model, attention)
         slots = decoding.cache_slots(args.prompt_len + args.new_tokens)
-        prefill = eqx.filter_jit(lambda m, i, k, slots=slots: m.prefill(i, k, slots))
+
+        @eqx.filter_jit
+        def prefill(m, i, k, slots=slots):
+            hidden, cache = m.prefill(i, k, slots)
+            return jnp.repeat(hidden, args.group, axis=0), cache.repeat(args.group)
+
         hidden, cache = prefill(model, ids, mask)
         state = {"cache": cache}
 
@@ -214,7 +253,7 @@ def time_parts(model, prompt_ids, args) -> str:
         cache_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(state["cache"]))
         if attention == "pallas":
             cache_bytes = cache_bytes * (middle + 1) / slots
-        rows.append(
+        table_rows.append(
             f"| decode step (layers only), {attention} attention | {decode_s * 1e3:.3f} | reads "
             f">= {weight_bytes / 1e9:.2f} GB weights + {cache_bytes / 1e9:.2f} GB cache: "
             f"{(weight_bytes + cache_bytes) / decode_s / 1e9:,.0f} GB/s |"
@@ -229,14 +268,14 @@ def time_parts(model, prompt_ids, args) -> str:
             if args.trace is not None:
                 write_trace(args.trace, decode, sample, decoding, state, hidden)
     if jax.default_backend() == "gpu":
-        rows.insert(0, cudnn_prefill_row(model, ids, mask, args))
+        table_rows.insert(0, cudnn_prefill_row(model, ids, mask, args))
     return "\n".join(
         [
             "",
             "| gradflow part | ms | note |",
             "|---|---|---|",
-            f"| prefill ({args.batch}x{args.prompt_len}) | {prefill_s * 1e3:.2f} | |",
-            *rows,
+            f"| prefill ({args.batch}x{args.prompt_len}, to {rows} rows) | {prefill_s * 1e3:.2f} | |",
+            *table_rows,
             f"| logits + sampling step | {sample_s * 1e3:.3f} | reads >= "
             f"{head_bytes / 1e9:.2f} GB head: {head_bytes / sample_s / 1e9:,.0f} GB/s |",
             f"| prefill + {args.new_tokens} x ({implementations[0]} decode + sampling) | "
@@ -309,13 +348,15 @@ def build_models(args, config_dict: dict, workdir: Path):
 
 def table(results: dict, args, config: ModelConfig, tokens: int) -> str:
     rows = [
+        machine(),
         f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), dtype {args.dtype}, "
         f"threads {args.threads or 'default'}",
         f"model: {config.model_type} layers={config.num_layers} hidden={config.hidden_size} "
         f"heads={config.num_heads}/{config.num_kv_heads} vocab={config.vocab_size} "
         f"params={config.num_parameters / 1e6:.1f}M",
-        f"batch={args.batch} prompt_len={args.prompt_len} new_tokens={args.new_tokens} "
-        f"repeats={args.repeats} (median after 1 warm-up, runs interleaved)",
+        f"batch={args.batch} prompts x group={args.group} prompt_len={args.prompt_len} "
+        f"new_tokens={args.new_tokens} repeats={args.repeats} (median after 1 warm-up, runs "
+        "interleaved)",
         "",
         "| implementation | first call s | compile s | median s | min s | tokens/s | speedup |",
         "|---|---|---|---|---|---|---|",
@@ -330,7 +371,10 @@ def table(results: dict, args, config: ModelConfig, tokens: int) -> str:
             f"{min(result['times_s']):.3f} | {rates[name]:,.0f} | {speedup} |"
         )
     if "hf" in rates:
-        rows.append(f"\ngradflow / HF: {rates['gradflow'] / rates['hf']:.1f}x")
+        rows.append(f"\ngradflow / HF: {rates['gradflow'] / rates['hf']:.2f}x")
+    for name in rates:
+        if name.startswith("gradflow, per-row"):
+            rows.append(f"gradflow / {name}: {rates['gradflow'] / rates[name]:.2f}x")
     if args.roofline:
         rows.append(
             f"roofline: {rates['gradflow']:,.0f} / {args.roofline:,.0f} tokens/s = "
@@ -348,12 +392,19 @@ def main(argv=None) -> int:
     config = ModelConfig.from_hf(config_dict)
     rng = np.random.default_rng(args.seed)
     prompt_ids = rng.integers(0, config.vocab_size, (args.batch, args.prompt_len), dtype=np.int32)
-    tokens = args.batch * args.new_tokens
+    tokens = args.batch * args.group * args.new_tokens
 
     with tempfile.TemporaryDirectory() as tmp:
         model, hf_model, torch, device = build_models(args, config_dict, Path(tmp))
 
-    runners = {"gradflow": gradflow_runner(model, prompt_ids, args)}
+    runners = {"gradflow": gradflow_runner(model, prompt_ids, args, args.group)}
+    if args.group > 1:
+        repeated = np.repeat(prompt_ids, args.group, axis=0)
+        runners["gradflow, per-row prefill"] = gradflow_runner(model, repeated, args, 1)
+        dense = dataclasses.replace(model, attention_impl="xla")
+        runners["gradflow, per-row prefill, dense attention"] = gradflow_runner(
+            dense, repeated, args, 1
+        )
     if hf_model is not None:
         runners["hf"] = hf_runner(hf_model, prompt_ids, args, torch, device)
     results = measure(runners, args.repeats)
@@ -364,7 +415,7 @@ def main(argv=None) -> int:
     print(text)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        stem = f"rollout_{jax.default_backend()}_{args.dtype}_b{args.batch}"
+        stem = f"rollout_{jax.default_backend()}_{args.dtype}_b{args.batch}_g{args.group}"
         (args.out / f"{stem}.md").write_text(text + "\n")
         record = {"args": {k: str(v) for k, v in vars(args).items()}, "results": results}
         (args.out / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
