@@ -219,7 +219,8 @@ def time_parts(model, prompt_ids, args) -> str:
     position = jnp.full((rows,), middle, jnp.int32)
     token = jnp.zeros((rows,), jnp.int32)
     decode = eqx.filter_jit(
-        lambda d, c: d.decode(token, position, jnp.asarray(middle, jnp.int32), c), donate="warn"
+        lambda d, c: d.decode(token, position, jnp.asarray(middle, jnp.int32), c),
+        donate="warn-except-first",
     )
     sample = eqx.filter_jit(
         lambda d, h: sample_token(
@@ -236,10 +237,7 @@ def time_parts(model, prompt_ids, args) -> str:
         decoding = eqx.filter_jit(DecodingModel.from_decoder)(model, attention)
         slots = decoding.cache_slots(args.prompt_len + args.new_tokens)
 
-        @eqx.filter_jit
-        def prefill(m, i, k, slots=slots):
-            hidden, cache = m.prefill(i, k, slots)
-            return jnp.repeat(hidden, args.group, axis=0), cache.repeat(args.group)
+        prefill = grouped_prefill(slots, args.group)
 
         hidden, cache = prefill(model, ids, mask)
         state = {"cache": cache}
@@ -282,6 +280,51 @@ def time_parts(model, prompt_ids, args) -> str:
             f"{total_s * 1e3:.0f} | |",
         ]
     )
+
+
+def grouped_prefill(slots: int, group: int):
+    """A compiled prefill of `slots` cache slots whose hidden states and cache are copied to
+    `group` rows per prompt (what `generate(group_size=group)` does before decoding)."""
+
+    @eqx.filter_jit
+    def prefill(model, ids, mask):
+        hidden, cache = model.prefill(ids, mask, slots)
+        return jnp.repeat(hidden, group, axis=0), cache.repeat(group)
+
+    return prefill
+
+
+def time_prefills(model, prompt_ids, args) -> str:
+    """The prefill alone (filling the cache of the whole completion), the part `--group` changes:
+    once per prompt and copied to its `G` rows, against once per row (blocked attention, and
+    `[rows, heads, T, T]` attention at once)."""
+    slots = args.prompt_len + args.new_tokens
+    ids = jnp.asarray(prompt_ids)
+    repeated = jnp.asarray(np.repeat(prompt_ids, args.group, axis=0))
+    dense = dataclasses.replace(model, attention_impl="xla")
+    cases = {
+        f"once per prompt ({args.batch} rows), copied to {args.group} rows each": (
+            grouped_prefill(slots, args.group),
+            model,
+            ids,
+        ),
+        f"once per row ({len(repeated)} rows)": (grouped_prefill(slots, 1), model, repeated),
+        f"once per row ({len(repeated)} rows), dense attention": (
+            grouped_prefill(slots, 1),
+            dense,
+            repeated,
+        ),
+    }
+    lines = ["", "| prefill | median ms | time / first row's |", "|---|---|---|"]
+    first = None
+    for name, (prefill, m, rows) in cases.items():
+        seconds = median_time(
+            lambda p=prefill, m=m, r=rows: jax.block_until_ready(p(m, r, jnp.ones_like(r))),
+            args.repeats,
+        )
+        first = first or seconds
+        lines.append(f"| {name} | {seconds * 1e3:.1f} | {seconds / first:.2f}x |")
+    return "\n".join(lines)
 
 
 def cudnn_prefill_row(model, ids, mask, args) -> str:
@@ -410,6 +453,8 @@ def main(argv=None) -> int:
     results = measure(runners, args.repeats)
 
     text = table(results, args, config, tokens)
+    if args.group > 1:
+        text += "\n" + time_prefills(model, prompt_ids, args)
     if args.parts:
         text += "\n" + time_parts(model, prompt_ids, args)
     print(text)
