@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 import equinox as eqx
 
 from .batch import Prompts
+from .environments.episodes import Episodes
 from .optim import Optimizer
 from .rollout import Completions
 from .stages import (
@@ -45,6 +46,8 @@ from .stages import (
     AbstractReward,
     AbstractRollout,
     DynamicSampling,
+    EnvironmentReward,
+    MultiTurn,
     OverlongPenalty,
     PolicyLoss,
     Reinforce,
@@ -298,3 +301,53 @@ def make(
         elif leaf.field.metadata.get("task"):
             values[leaf.path] = task[leaf.field.name]
     return _rebuild(PRESETS[name], values)
+
+
+def multi_turn(
+    algorithm: Algorithm,
+    episodes: Episodes,
+    *,
+    max_turns: int,
+    max_turn_tokens: int,
+    max_observation_tokens: int,
+) -> Algorithm:
+    """`algorithm` with multi-turn rollouts: its sampling becomes a `MultiTurn` rollout over
+    `episodes` and its reward an `EnvironmentReward` around the task's.
+
+    **Arguments:**
+
+    - `algorithm`: an algorithm whose rollout is plain `Sampling`.
+    - `episodes`: the environments of the train split.
+    - `max_turns`, `max_turn_tokens`, `max_observation_tokens`: the `[environment]` limits.
+
+    **Returns:**
+
+    The multi-turn `Algorithm`.
+
+    **Raises:**
+
+    `ValueError` for a rollout other than `Sampling` (DAPO's dynamic sampling), or an advantage
+    over token returns (`ReinforcePP`, `GAE`), whose returns would restart at every environment
+    answer (the loss mask's gaps).
+    """
+    if not isinstance(algorithm.rollout, Sampling):
+        raise ValueError(
+            f"multi-turn rollouts replace plain sampling; this algorithm samples with "
+            f"{type(algorithm.rollout).__name__}"
+        )
+    if isinstance(algorithm.advantage, ReinforcePP | GAE):
+        raise ValueError(
+            f"multi-turn rollouts need a sequence-level advantage (grpo, rloo, reinforce, "
+            f"dr_grpo, ...); {type(algorithm.advantage).__name__} accumulates token returns, "
+            "which would restart at every environment answer"
+        )
+    rollout = MultiTurn(
+        sampling=algorithm.rollout,
+        episodes=episodes,
+        max_turns=max_turns,
+        max_turn_tokens=max_turn_tokens,
+        max_observation_tokens=max_observation_tokens,
+    )
+    return dataclasses.replace(
+        algorithm, rollout=rollout, reward=EnvironmentReward(inner=algorithm.reward)
+    )

@@ -123,6 +123,18 @@ class LoggingConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class EnvironmentConfig:
+    """`[environment]`: multi-turn rollouts, each model turn answered by an environment
+    (`gradflow.environments`); without `class`, one turn. The key `class` is the field
+    `class_`."""
+
+    class_: str = ""
+    max_turns: int = 4
+    max_turn_tokens: int = 128
+    max_observation_tokens: int = 64
+
+
+@dataclasses.dataclass(frozen=True)
 class MeshConfig:
     """`[mesh]`: device mesh axes (`-1`: the rest of the devices)."""
 
@@ -171,7 +183,10 @@ SECTIONS: dict[str, type] = {
     "checkpoint": CheckpointConfig,
     "logging": LoggingConfig,
     "mesh": MeshConfig,
+    "environment": EnvironmentConfig,
 }
+# TOML keys that are not valid Python names, and the fields that hold them.
+FIELD_NAMES: dict[str, str] = {"environment.class": "class_"}
 CHOICES: dict[str, tuple[str, ...]] = {
     "run.nonfinite": ("skip", "stop"),
     "model.init": ("pretrained", "random"),
@@ -202,6 +217,9 @@ MINIMUMS: dict[str, float] = {
     "checkpoint.every": 0,
     "checkpoint.keep": 1,
     "logging.samples_every": 0,
+    "environment.max_turns": 1,
+    "environment.max_turn_tokens": 1,
+    "environment.max_observation_tokens": 1,
 }
 
 
@@ -218,6 +236,7 @@ class Config:
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
     mesh: MeshConfig = MeshConfig()
+    environment: EnvironmentConfig = EnvironmentConfig()
     reward: tuple[RewardConfig, ...] = ()
     source: str = ""
 
@@ -239,8 +258,12 @@ class Config:
         A TOML-serialisable dictionary.
         """
         out: dict[str, Any] = {"algorithm": dict(self.algorithm)}
+        renamed = {tuple(k.split(".")[:1]) + (f,): k.split(".")[1] for k, f in FIELD_NAMES.items()}
         for section in SECTIONS:
-            out[section] = dataclasses.asdict(getattr(self, section))
+            if section == "environment" and not self.environment.class_:
+                continue  # single-turn: the section is left out (as in configs before it)
+            values = dataclasses.asdict(getattr(self, section))
+            out[section] = {renamed.get((section, k), k): v for k, v in values.items()}
         if self.reward:
             out["reward"] = [dataclasses.asdict(r) for r in self.reward]
         return out
@@ -319,15 +342,18 @@ def build_section(name: str, table: Any, cls: type) -> Any:
     if not isinstance(table, dict):
         raise ConfigError(f"[{name}] must be a table")
     hints = typing.get_type_hints(cls)
-    fields = [f.name for f in dataclasses.fields(cls)]
+    field_of = {k.partition(".")[2]: f for k, f in FIELD_NAMES.items() if k.startswith(f"{name}.")}
+    key_of = {f: k for k, f in field_of.items()}
+    keys = [key_of.get(f.name, f.name) for f in dataclasses.fields(cls)]
     values = {}
     for key, value in table.items():
-        if key not in fields:
+        if key not in keys:
             raise ConfigError(
-                f"unknown key {name}.{key}{_suggest(key, fields)}; valid keys in [{name}]: "
-                f"{', '.join(sorted(fields))}"
+                f"unknown key {name}.{key}{_suggest(key, keys)}; valid keys in [{name}]: "
+                f"{', '.join(sorted(keys))}"
             )
-        values[key] = _check_value(f"{name}.{key}", value, hints[key])
+        field = field_of.get(key, key)
+        values[field] = _check_value(f"{name}.{key}", value, hints[field])
     try:
         return cls(**values)
     except ValueError as error:
@@ -490,6 +516,16 @@ def build_config(raw: dict[str, Any], *, source: str = "") -> Config:
             '*.safetensors), or set model.init = "random" with model.config'
         )
     _check_task_keys(config)
+    if "environment" in raw and not config.environment.class_:
+        raise ConfigError(
+            '[environment] needs class = "FILE.py:NAME" or "package.module:NAME" (the '
+            "environment answering each model turn)"
+        )
+    if config.environment.class_ and "max_new_tokens" in config.algorithm:
+        raise ConfigError(
+            "algorithm.max_new_tokens does not apply with [environment]: "
+            "environment.max_turn_tokens caps each model turn"
+        )
     if config.model.init == "random" and not (config.model.config or config.model.path):
         raise ConfigError('model.init = "random" needs model.config (an HF config.json)')
     return config

@@ -1,56 +1,98 @@
 """Held-out evaluation with the task's evaluation functions (the reward functions, or
 `eval.functions`): greedy scores, and with `samples = k > 1` pass@k and maj@k at the configured
 temperature for 0/1-valued functions.
+
+With a multi-turn rollout the functions score whole trajectories (environment answers
+included), i.e. the answer standing by the last turn, and `eval/environment` (the mean of the
+environment's summed turn rewards) and `eval/turns_mean` are reported as well.
 """
 
 import collections
+import dataclasses
 from collections.abc import Callable, Sequence
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 from jaxtyping import PRNGKeyArray
 
+from .batch import Prompts
 from .checkpoint import to_host
 from .models import Decoder
 from .rollout import generate
 from .sharding import shard_prompts
+from .stages import MultiTurn
 from .tasks.rows import Rows
 from .tasks.task import Task
 
 
+@eqx.filter_jit
+def _trajectories(turns: MultiTurn, policy, ids, mask, index, key, temperature: float):
+    sampling = dataclasses.replace(turns.sampling, temperature=temperature, group_size=1)
+    return dataclasses.replace(turns, sampling=sampling)(
+        policy, Prompts(ids=ids, mask=mask, index=index), key
+    )
+
+
 def _complete(
-    policy, ids, mask, key, *, batch_size, samples, max_new_tokens, temperature, eos, pad, mesh
+    policy,
+    ids,
+    mask,
+    rows_index,
+    key,
+    *,
+    batch_size,
+    samples,
+    max_new_tokens,
+    temperature,
+    eos,
+    pad,
+    mesh,
+    turns,
 ):
     """`samples` completions of every prompt row (consecutive), in fixed-size batches of prompts
     (one compilation; each prompt prefilled once), each batch's prompts split over the mesh's
-    `data × fsdp` devices when it has one."""
-    texts_tokens = []
+    `data × fsdp` devices when it has one; with `turns` multi-turn trajectories (`rows_index`:
+    each prompt's row in `turns.episodes.rows`; prompts repeated `samples` times, each
+    trajectory with an environment of its own), with their environment rewards and turn
+    counts."""
+    if turns is not None and samples > 1:
+        ids, mask = np.repeat(ids, samples, axis=0), np.repeat(mask, samples, axis=0)
+        rows_index, samples = np.repeat(rows_index, samples), 1
+    texts_tokens, rewards, counts = [], [], []
     rows = ids.shape[0]
     for start in range(0, rows, batch_size):
         chunk_ids = ids[start : start + batch_size]
         chunk_mask = mask[start : start + batch_size]
+        index = rows_index[start : start + batch_size]
         short = batch_size - chunk_ids.shape[0]
         if short:
             chunk_ids = np.concatenate([chunk_ids, np.repeat(chunk_ids[-1:], short, 0)])
             chunk_mask = np.concatenate([chunk_mask, np.repeat(chunk_mask[-1:], short, 0)])
+            index = np.concatenate([index, np.repeat(index[-1:], short)])
         key, sub = jax.random.split(key)
-        chunk = (chunk_ids, chunk_mask)
+        chunk = (chunk_ids, chunk_mask, index.astype(np.int32))
         chunk = jax.tree.map(jnp.asarray, chunk) if mesh is None else shard_prompts(chunk, mesh)
-        out = generate(
-            policy,
-            *chunk,
-            key=sub,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            eos_token_ids=eos,
-            pad_token_id=pad,
-            group_size=samples,
-        )
-        tokens, keep = to_host(out.tokens), to_host(out.mask)
+        if turns is None:
+            out = generate(
+                policy,
+                *chunk[:2],
+                key=sub,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                eos_token_ids=eos,
+                pad_token_id=pad,
+                group_size=samples,
+            )
+        else:
+            out = _trajectories(turns, policy, *chunk, sub, temperature)
+            rewards.extend(to_host(out.turns.reward)[: batch_size - short].tolist())
+            counts.extend(to_host(out.turns.turns)[: batch_size - short].tolist())
+        tokens, keep = to_host(out.tokens), to_host(out.context_mask)
         texts_tokens.extend(tokens[i][keep[i]] for i in range((batch_size - short) * samples))
-    return texts_tokens
+    return texts_tokens, rewards, counts
 
 
 def majority_score(
@@ -95,6 +137,7 @@ def evaluate(
     samples: int = 1,
     temperature: float = 1.0,
     mesh: Mesh | None = None,
+    turns: MultiTurn | None = None,
 ) -> tuple[dict[str, float], list[dict]]:
     """Evaluates `policy` on held-out rows.
 
@@ -111,6 +154,7 @@ def evaluate(
     - `temperature`: sampling temperature for k > 1.
     - `mesh`: the training mesh (each generation batch's rows are split over `data × fsdp`), or
       `None`.
+    - `turns`: a multi-turn rollout whose `episodes` hold `rows` (`None`: one turn).
 
     **Returns:**
 
@@ -125,14 +169,27 @@ def evaluate(
         eos=task.eos_token_ids,
         pad=task.pad_token_id,
         mesh=mesh,
+        turns=turns,
     )
     functions = task.evaluations
     which = [task.scorer.functions.index(f) for f in functions]
     indices = list(range(len(rows)))
-    greedy = _complete(policy, prompt_ids, prompt_mask, key, samples=1, temperature=0.0, **common)
+    greedy, rewards, counts = _complete(
+        policy,
+        prompt_ids,
+        prompt_mask,
+        np.arange(len(rows)),
+        key,
+        samples=1,
+        temperature=0.0,
+        **common,
+    )
     batch = task.batch(rows, indices, greedy)
     values, failed = task.scorer.score(batch, which)
     metrics = {}
+    if turns is not None:
+        metrics["eval/environment"] = float(np.mean(rewards))
+        metrics["eval/turns_mean"] = float(np.mean(counts))
     for function, row in zip(functions, values, strict=True):
         metrics[f"eval/{function.name}"] = float(np.nanmean(row)) if (~np.isnan(row)).any() else 0.0
     metrics["eval/failed"] = float(np.mean(failed > 0))
@@ -140,14 +197,17 @@ def evaluate(
     records = []
     for i, prompt in enumerate(batch.prompts):
         record = {task.prompt_key: prompt, "completion": texts[i]}
+        if turns is not None:
+            record.update(environment=rewards[i], turns=counts[i])
         for function, row in zip(functions, values, strict=True):
             record[function.name] = None if np.isnan(row[i]) else float(row[i])
         records.append(record)
     if samples > 1:
-        sampled = _complete(
+        sampled, _, _ = _complete(
             policy,
             prompt_ids,
             prompt_mask,
+            np.asarray(indices),
             key,
             samples=samples,
             temperature=temperature,

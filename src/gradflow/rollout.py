@@ -16,6 +16,24 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 from .models import Decoder, DecodingModel
 
 
+class Turns(eqx.Module):
+    """What a multi-turn rollout adds to its completions (`gradflow.environments.sampler`).
+
+    - `observed`: 1 on the tokens of the environments' answers: context, attended to and never
+      trained on.
+    - `reward`: the sum of each trajectory's turn rewards.
+    - `failed`: whether its environment raised or timed out (the trajectory ended there).
+    - `turns`: its model turns.
+    - `truncated`: its answers cut to `max_observation_tokens`.
+    """
+
+    observed: Bool[Array, "batch new"]
+    reward: Float[Array, " batch"]
+    failed: Bool[Array, " batch"]
+    turns: Int[Array, " batch"]
+    truncated: Int[Array, " batch"]
+
+
 class Completions(eqx.Module):
     """Sampled completions of a batch of prompts.
 
@@ -29,6 +47,7 @@ class Completions(eqx.Module):
       probability mass the filter kept.
     - `lengths`: number of generated tokens of each row.
     - `finished`: whether the row ended with EOS (otherwise it was truncated).
+    - `turns`: a multi-turn rollout's environment answers and counts (`None`: one turn).
     """
 
     tokens: Int[Array, "batch new"]
@@ -37,6 +56,34 @@ class Completions(eqx.Module):
     sampling_logprobs: Float[Array, "batch new"]
     lengths: Int[Array, " batch"]
     finished: Bool[Array, " batch"]
+    turns: Turns | None = None
+
+    @property
+    def context_mask(self) -> Bool[Array, "batch new"]:
+        """1 on every token of the completion the model attends to: its own and the inserted
+        ones (which `mask` leaves out)."""
+        return self.mask if self.turns is None else self.mask | self.turns.observed
+
+    def metrics(self) -> dict[str, Array]:
+        """The rollout's own metrics beyond the lengths: for multi-turn rollouts
+        `rollout/turns_mean`, `turns_max`, `observation_tokens_mean`, `observations_truncated`
+        (answers cut) and `env_errors` (trajectories whose environment failed), over the batch.
+
+        **Returns:**
+
+        Scalar metrics (none for single-turn completions).
+        """
+        if self.turns is None:
+            return {}
+        turns = self.turns.turns.astype(jnp.float32)
+        observed = jnp.sum(self.turns.observed.astype(jnp.float32), axis=1)
+        return {
+            "rollout/turns_mean": jnp.mean(turns),
+            "rollout/turns_max": jnp.max(turns),
+            "rollout/observation_tokens_mean": jnp.mean(observed),
+            "rollout/observations_truncated": jnp.sum(self.turns.truncated.astype(jnp.float32)),
+            "rollout/env_errors": jnp.sum(self.turns.failed.astype(jnp.float32)),
+        }
 
 
 def filter_logits(

@@ -218,6 +218,7 @@ def _rollout_metrics(completions, rewards, group: int) -> dict[str, Array]:
         "completion/length_max": jnp.max(lengths),
         "completion/truncation_rate": 1.0 - jnp.mean(completions.finished.astype(jnp.float32)),
         "completion/tokens": jnp.sum(lengths),
+        **completions.metrics(),
     }
     for name, values in rewards.parts.items():
         applies = rewards.applicable.get(name, jnp.ones_like(values, bool))
@@ -275,7 +276,7 @@ def _compiled_step(inputs, state: TrainState) -> tuple[TrainState, dict[str, Arr
     metrics.update(
         {
             "samples/tokens": whole.tokens[:shown],
-            "samples/mask": whole.mask[:shown],
+            "samples/mask": whole.context_mask[:shown],
             "samples/prompt_index": whole_prompts.index[:shown],
             "samples/reward": rewards.total[:shown],
         }
@@ -290,7 +291,7 @@ def _compiled_step(inputs, state: TrainState) -> tuple[TrainState, dict[str, Arr
     prompt_len = prompts.ids.shape[1]
     new = completions.tokens.shape[1]
     ids = jnp.concatenate([repeated.ids, completions.tokens], axis=1)
-    full_mask = jnp.concatenate([repeated.mask, completions.mask], axis=1)
+    full_mask = jnp.concatenate([repeated.mask, completions.context_mask], axis=1)
     mask = completions.mask & trained[:, None]
     if loss.mask_truncated:
         mask = mask & completions.finished[:, None]

@@ -151,7 +151,8 @@ def run_directory(config: Config, config_name: str) -> Path:
 
 
 def build_algorithm(config: Config, task: Task) -> Algorithm:
-    """The configured preset with the task's reward and tokens.
+    """The configured preset with the task's reward and tokens; with `[environment]` its
+    multi-turn form (`algorithms.multi_turn`).
 
     **Arguments:**
 
@@ -170,6 +171,20 @@ def build_algorithm(config: Config, task: Task) -> Algorithm:
         pad_token_id=task.pad_token_id,
         **config.hyperparameters,
     )
+    env = config.environment
+    if env.class_:
+        try:
+            algorithm = algorithms.multi_turn(
+                algorithm,
+                task.episodes(task.train, env.max_observation_tokens),
+                max_turns=env.max_turns,
+                max_turn_tokens=env.max_turn_tokens,
+                max_observation_tokens=env.max_observation_tokens,
+            )
+        except ValueError as e:
+            raise ConfigError(
+                f"[environment] with algorithm {config.algorithm_name}: {e}"
+            ) from None
     metric = getattr(algorithm.rollout, "metric", None)  # dynamic sampling judges groups by it
     if metric is not None and metric not in (*reward.parts, "overlong_penalty"):
         raise ConfigError(
@@ -255,6 +270,16 @@ class Trainer:
         self.task = build_task(config)
         policy = load_policy(config)
         self.algorithm = build_algorithm(config, self.task)
+        # Evaluation's trajectories: the held-out rows' environments, built once (one
+        # compilation for every evaluation).
+        self.eval_turns = None
+        env = config.environment
+        if env.class_:
+            held_out = self.task.test.head(min(config.eval.size, len(self.task.test)))
+            self.eval_turns = dataclasses.replace(
+                self.algorithm.rollout,
+                episodes=self.task.episodes(held_out, env.max_observation_tokens),
+            )
         check_layout(config, self.task, policy, self.algorithm, self.mesh, self._print)
         self.state = build_state(config, self.algorithm, policy, self.mesh, self.resume)
         if self.resume.resumed:
@@ -309,6 +334,7 @@ class Trainer:
             samples=ec.samples,
             temperature=ec.temperature,
             mesh=self.mesh,
+            turns=self.eval_turns,
         )
         self.log.log(step, {**metrics, "time/eval_s": time.perf_counter() - start})
         if self.main_process:

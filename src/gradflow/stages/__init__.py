@@ -10,8 +10,8 @@ from .advantage import (
     ReinforcePPBaseline,
 )
 from .loss import AbstractLoss, AbstractMetric, Max, Mean, PolicyLoss, Share, UpdateBatch
-from .reward import AbstractReward, HostReward, OverlongPenalty, RewardOutput
-from .rollout import AbstractRollout, DynamicSampling, Sampling
+from .reward import AbstractReward, EnvironmentReward, HostReward, OverlongPenalty, RewardOutput
+from .rollout import AbstractRollout, DynamicSampling, MultiTurn, Sampling
 
 __all__ = [
     "GAE",
@@ -23,9 +23,11 @@ __all__ = [
     "AbstractReward",
     "AbstractRollout",
     "DynamicSampling",
+    "EnvironmentReward",
     "HostReward",
     "Max",
     "Mean",
+    "MultiTurn",
     "OverlongPenalty",
     "PolicyLoss",
     "Reinforce",

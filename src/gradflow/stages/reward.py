@@ -50,7 +50,8 @@ class AbstractReward(eqx.Module):
 class HostReward(AbstractReward):
     """A Python scorer over decoded text, called on the host through `jax.pure_callback`.
 
-    The scorer returns one row per named part; the total is their weighted sum. NaN in a row
+    The scorer sees every token of a completion the model attended to (a multi-turn
+    trajectory's environment answers included). It returns one row per named part; the total is their weighted sum. NaN in a row
     means "does not apply" (a reward function's `None`): that sample's part counts 0 in the
     total and is left out of the part's logged mean. A part named `correct` is also reported as
     accuracy. Scorers catch their own failures (`gradflow.tasks.scoring`): a failing sample
@@ -96,7 +97,7 @@ class HostReward(AbstractReward):
             host,
             shape,
             completions.tokens,
-            completions.mask,
+            completions.context_mask,
             prompts.index,
             vmap_method="sequential",
         )
@@ -106,6 +107,34 @@ class HostReward(AbstractReward):
         return RewardOutput(
             total=jnp.asarray(total, jnp.float32), parts=parts, applicable=applicable
         )
+
+
+class EnvironmentReward(AbstractReward):
+    """Another reward plus the environment's turn rewards of multi-turn trajectories.
+
+    The turn rewards' sum is the part `environment` (weight 1). A trajectory whose environment
+    failed scores 0 in total and counts in the part `failed`.
+
+    **Fields:**
+
+    - `inner`: the task's reward of the trajectory text.
+    """
+
+    inner: AbstractReward
+
+    def __call__(self, prompts: Prompts, completions: Completions) -> RewardOutput:
+        turns = completions.turns
+        if turns is None:
+            raise ValueError("EnvironmentReward needs multi-turn completions (a MultiTurn rollout)")
+        out = self.inner(prompts, completions)
+        failed = turns.failed.astype(jnp.float32)
+        parts = {
+            **out.parts,
+            "environment": turns.reward,
+            "failed": out.parts.get("failed", jnp.zeros_like(failed)) + failed,
+        }
+        total = jnp.where(turns.failed, 0.0, out.total + turns.reward)
+        return RewardOutput(total=total, parts=parts, applicable=out.applicable)
 
 
 class OverlongPenalty(AbstractReward):

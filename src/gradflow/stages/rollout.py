@@ -1,5 +1,8 @@
 """Rollout stages: how completions are sampled and which groups enter the update.
 
+`MultiTurn` samples trajectories in which an environment answers each model turn
+(`gradflow.environments`); for the rest of the step they are completions like any other.
+
 `select` runs after the reward: plain sampling keeps every group; DAPO's dynamic sampling
 oversamples prompts and keeps `prompts` groups whose accuracy is not all equal (static shapes).
 """
@@ -13,6 +16,8 @@ from equinox import AbstractVar
 from jaxtyping import Array, Bool, Int, PRNGKeyArray
 
 from ..batch import Prompts
+from ..environments.episodes import Episodes
+from ..environments.sampler import completion_slots, generate_turns
 from ..models import Decoder
 from ..rollout import Completions, _generate
 from .reward import RewardOutput
@@ -102,6 +107,77 @@ class Sampling(AbstractRollout):
     ) -> tuple[Int[Array, " kept"], Bool[Array, " kept"], dict[str, Array]]:
         rows = rewards.total.shape[0]
         return jnp.arange(rows), jnp.ones(rows, bool), {}
+
+
+class MultiTurn(AbstractRollout):
+    """Multi-turn trajectories: the model's turns answered by an environment (one per
+    trajectory, on the host), all inside the compiled step (`gradflow.environments.sampler`).
+    Every group is kept.
+
+    **Fields:**
+
+    - `sampling`: how each model turn samples (`group_size`, `temperature`, `top_p`, `top_k`,
+      the tokenizer's ids; its `max_new_tokens` is not used: `max_turn_tokens` is).
+    - `episodes`: the environments of the train split.
+    - `max_turns`: model turns per trajectory.
+    - `max_turn_tokens`: new tokens per model turn.
+    - `max_observation_tokens`: tokens per environment answer.
+    """
+
+    sampling: Sampling
+    episodes: Episodes = eqx.field(static=True)
+    max_turns: int = 4
+    max_turn_tokens: int = 128
+    max_observation_tokens: int = 64
+
+    def __check_init__(self):
+        if min(self.max_turns, self.max_turn_tokens, self.max_observation_tokens) < 1:
+            raise ValueError("max_turns, max_turn_tokens and max_observation_tokens must be >= 1")
+
+    @property
+    def group_size(self) -> int:
+        return self.sampling.group_size
+
+    @property
+    def max_new_tokens(self) -> int:
+        """The completion width: every turn and answer at their longest."""
+        return completion_slots(self.max_turns, self.max_turn_tokens, self.max_observation_tokens)
+
+    @property
+    def temperature(self) -> float:
+        return self.sampling.temperature
+
+    @property
+    def filtered(self) -> bool:
+        return self.sampling.filtered
+
+    def prompts_to_sample(self, prompts_per_step: int) -> int:
+        return prompts_per_step
+
+    def __call__(self, policy: Decoder, prompts: Prompts, key: PRNGKeyArray) -> Completions:
+        repeated = prompts.repeat(self.group_size)
+        s = self.sampling
+        return generate_turns(
+            policy,
+            repeated.ids,
+            repeated.mask,
+            repeated.index,
+            key,
+            episodes=self.episodes,
+            max_turns=self.max_turns,
+            max_turn_tokens=self.max_turn_tokens,
+            max_observation_tokens=self.max_observation_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=s.top_k,
+            eos_token_ids=s.eos_token_ids,
+            pad_token_id=s.pad_token_id,
+        )
+
+    def select(
+        self, rewards: RewardOutput, prompts_per_step: int
+    ) -> tuple[Int[Array, " kept"], Bool[Array, " kept"], dict[str, Array]]:
+        return self.sampling.select(rewards, prompts_per_step)
 
 
 class DynamicSampling(AbstractRollout):

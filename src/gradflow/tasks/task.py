@@ -7,18 +7,22 @@ reward and evaluation functions, all built by `build_task(config)` from `[task]`
 - `arithmetic` (the embedded default) and `gsm8k`: built-in rows (`question`, `answer`) and
   built-in reward functions of the same signature (`correct`, `format`); `[[reward]]` may
   replace them.
+
+With `[environment]` the task also holds the environment class, whose tools (a
+`ToolEnvironment`'s `schemas`) chat prompts list.
 """
 
 import dataclasses
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from gradflow.assets import resolve_path
 from gradflow.config import Config, ConfigError
+from gradflow.environments.episodes import Episodes
 from gradflow.rewards import functions as builtin
 from gradflow.stages import HostReward
 from gradflow.tasks.arithmetic import ArithmeticTask, generate, task_prompt
@@ -38,6 +42,7 @@ from gradflow.tasks.reward_functions import (
     RewardFunctionError,
     call,
     from_spec,
+    load_function,
 )
 from gradflow.tasks.rows import Rows
 from gradflow.tasks.scoring import Scorer
@@ -128,6 +133,9 @@ class Task:
     - `evaluations`: the functions held-out evaluation reports (`eval/<name>`).
     - `scorer`: calls the functions (worker processes, timeouts).
     - `eos_token_ids`, `pad_token_id`: from the tokenizer and the model.
+    - `environment`: makes the environment of one multi-turn trajectory (`None`: one turn).
+    - `prompt_template`, `chat_template_kwargs`: how environment answers are written
+        (`task.prompt_template`).
     """
 
     tokenizer: object
@@ -141,6 +149,33 @@ class Task:
     scorer: Scorer
     eos_token_ids: tuple[int, ...]
     pad_token_id: int
+    environment: Callable[[], object] | None = None
+    prompt_template: str = "plain"
+    chat_template_kwargs: dict = dataclasses.field(default_factory=dict)
+
+    def episodes(self, rows: Rows, max_observation_tokens: int) -> Episodes:
+        """The host side of multi-turn rollouts over some rows.
+
+        **Arguments:**
+
+        - `rows`: the split the prompts come from.
+        - `max_observation_tokens`: the longest environment answer.
+
+        **Returns:**
+
+        The `Episodes` (environment calls under `task.reward_timeout_s`).
+        """
+        if self.environment is None:
+            raise ValueError("the task has no environment ([environment] class)")
+        return Episodes(
+            self.environment,
+            rows,
+            self.tokenizer,
+            template=self.prompt_template,
+            max_observation_tokens=max_observation_tokens,
+            timeout_s=self.scorer.timeout_s,
+            chat_template_kwargs=self.chat_template_kwargs,
+        )
 
     def batch(self, rows: Rows, indices: Sequence[int], completion_ids: Sequence) -> Batch:
         """The reward functions' inputs for completions of some rows (TRL's convention).
@@ -256,13 +291,34 @@ def _dataset_rows(config: Config) -> tuple[Rows, Rows]:
     return out[0], out[1]
 
 
-def _prompt_texts(config: Config, tokenizer, rows: Rows, prompt_key: str) -> list[str]:
+def _environment(config: Config) -> tuple[Callable[[], object] | None, list]:
+    """The environment class `[environment]` names, and its tools' schemas (if it has any)."""
+    spec = config.environment.class_
+    if not spec:
+        return None, []
+    try:
+        factory = load_function(spec)
+    except RewardFunctionError as e:
+        raise ConfigError(str(e).replace("reward function", "environment.class", 1)) from None
+    try:
+        probe = factory()
+    except Exception as e:
+        raise ConfigError(f"environment.class {spec}: {type(e).__name__}: {e}") from None
+    for method in ("reset", "step"):
+        if not callable(getattr(probe, method, None)):
+            raise ConfigError(f"environment.class {spec} has no {method} method")
+    return factory, list(getattr(probe, "schemas", []))
+
+
+def _prompt_texts(config: Config, tokenizer, rows: Rows, prompt_key: str, tools: list) -> list[str]:
     tc = config.task
     prompts = rows.columns[prompt_key]
     if tc.name == "arithmetic":
         return [task_prompt(q) for q in prompts]
     bos = _bos_text(tokenizer)
     kwargs = dict(tc.chat_template_kwargs)
+    if tools:
+        kwargs["tools"] = tools
     if tc.name == "gsm8k":
         instruction = tc.instruction or DEFAULT_INSTRUCTION
         if tc.prompt_template == "plain":
@@ -379,19 +435,20 @@ def build_task(config: Config) -> Task:
     _unique_names(evaluations, "eval.functions")
     functions = tuple(dict.fromkeys((*rewards, *evaluations)))
     scorer = Scorer(functions, workers=tc.reward_workers, timeout_s=tc.reward_timeout_s)
+    environment, tools = _environment(config)
     task = Task(
         tokenizer=tokenizer,
         train=train,
         test=test,
         train_prompts=tokenize_prompts(
             tokenizer,
-            _prompt_texts(config, tokenizer, train, prompt_key),
+            _prompt_texts(config, tokenizer, train, prompt_key, tools),
             max_tokens=tc.max_prompt_tokens,
             split="train",
         ),
         test_prompts=tokenize_prompts(
             tokenizer,
-            _prompt_texts(config, tokenizer, test, prompt_key),
+            _prompt_texts(config, tokenizer, test, prompt_key, tools),
             max_tokens=tc.max_prompt_tokens,
             split="test",
         ),
@@ -401,6 +458,9 @@ def build_task(config: Config) -> Task:
         scorer=scorer,
         eos_token_ids=_eos_ids(tokenizer, model_dir),
         pad_token_id=int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0),
+        environment=environment,
+        prompt_template=tc.prompt_template,
+        chat_template_kwargs=dict(tc.chat_template_kwargs),
     )
     probe_rows = list(range(min(2, len(train))))
     references = [str(a) for a in task.train.take(probe_rows).get("answer", [""] * len(probe_rows))]
