@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)  # overrides before or after options
 
     from gradflow.config import ConfigError, load_config
-    from gradflow.evaluate import evaluate
+    from gradflow.evaluate import evaluate, evaluation_turns
     from gradflow.models import load_hf
     from gradflow.tasks.errors import DataError
     from gradflow.tasks.task import build_task
@@ -70,10 +70,11 @@ def main(argv: list[str] | None = None) -> int:
         max_new = config.algorithm.get(
             "max_new_tokens", hyperparameters(config.algorithm_name)["max_new_tokens"]
         )
+        rows = problems.head(size)
         metrics, records = evaluate(
             policy,
             task,
-            problems.head(size),
+            rows,
             bank.ids[:size],
             bank.mask[:size],
             key=jax.random.key(config.run.seed),
@@ -81,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=min(config.eval.batch_size, size),
             samples=samples,
             temperature=config.eval.temperature,
+            turns=evaluation_turns(task, rows, config.environment),
         )
         task.close()
     except (ConfigError, DataError, FileNotFoundError, NotADirectoryError, ValueError) as error:

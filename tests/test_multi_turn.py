@@ -291,3 +291,51 @@ def test_a_multi_turn_run_trains_and_reports_turns(tmp_path: Path):
     assert metrics["reward/failed"] == pytest.approx(failed / 8)
     assert metrics["reward/environment"] > 0
     assert "eval/environment" in metrics and "eval/turns_mean" in metrics
+
+
+def _config(**environment):
+    from gradflow.config import build_config
+
+    raw = {"model": {"path": "gradflow:toy-arith"}, "algorithm": {"name": "grpo"}}
+    return build_config({**raw, "environment": environment})
+
+
+def test_environment_config_is_checked(toy):
+    from gradflow import algorithms
+    from gradflow.config import ConfigError, build_config
+    from gradflow.stages import HostReward
+
+    config = _config(**{"class": "envs/calculator.py:Calculator", "max_turns": 2})
+    assert config.environment.class_ == "envs/calculator.py:Calculator"
+    assert build_config(__import__("tomllib").loads(config.to_toml())) == config
+    assert (
+        "environment"
+        not in build_config({"model": {"path": "x"}, "algorithm": {"name": "grpo"}}).to_dict()
+    )
+    with pytest.raises(ConfigError, match="did you mean 'class'"):
+        _config(klass="a.py:B")
+    with pytest.raises(ConfigError, match=r"\[environment\] needs class"):
+        _config(max_turns=2)
+    with pytest.raises(ConfigError, match="max_turn_tokens caps each model turn"):
+        build_config(
+            {
+                "model": {"path": "x"},
+                "algorithm": {"name": "grpo", "max_new_tokens": 8},
+                "environment": {"class": "a.py:B"},
+            }
+        )
+    tokenizer = toy[0]
+    episodes = Episodes(
+        Echo, _rows(), tokenizer, template="plain", max_observation_tokens=4, timeout_s=1.0
+    )
+    reward = HostReward(scorer=lambda *a: None, parts=("x",), weights=(1.0,))
+    limits = dict(max_turns=2, max_turn_tokens=4, max_observation_tokens=4)
+    for name, refused in (
+        ("dapo", "DynamicSampling"),
+        ("ppo", "GAE"),
+        ("reinforce_pp", "ReinforcePP"),
+    ):
+        with pytest.raises(ValueError, match=refused):
+            algorithms.multi_turn(algorithms.make(name, reward=reward), episodes, **limits)
+    turns = algorithms.multi_turn(algorithms.make("rloo", reward=reward), episodes, **limits)
+    assert turns.rollout.max_new_tokens == 2 * (4 + 4)

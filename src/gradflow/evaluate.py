@@ -20,12 +20,38 @@ from jaxtyping import PRNGKeyArray
 
 from .batch import Prompts
 from .checkpoint import to_host
+from .config import EnvironmentConfig
 from .models import Decoder
 from .rollout import generate
 from .sharding import shard_prompts
-from .stages import MultiTurn
+from .stages import MultiTurn, Sampling
 from .tasks.rows import Rows
 from .tasks.task import Task
+
+
+def evaluation_turns(task: Task, rows: Rows, environment: EnvironmentConfig) -> MultiTurn | None:
+    """The multi-turn rollout that evaluation samples held-out trajectories with (its
+    temperature is set per call; no top-p/top-k, as for single-turn evaluation).
+
+    **Arguments:**
+
+    - `task`: the task (its environment class and tokenizer).
+    - `rows`: the held-out rows evaluated.
+    - `environment`: the `[environment]` section.
+
+    **Returns:**
+
+    The `MultiTurn` over `rows`' environments, or `None` without `environment.class`.
+    """
+    if not environment.class_:
+        return None
+    return MultiTurn(
+        sampling=Sampling(eos_token_ids=task.eos_token_ids, pad_token_id=task.pad_token_id),
+        episodes=task.episodes(rows, environment.max_observation_tokens),
+        max_turns=environment.max_turns,
+        max_turn_tokens=environment.max_turn_tokens,
+        max_observation_tokens=environment.max_observation_tokens,
+    )
 
 
 @eqx.filter_jit

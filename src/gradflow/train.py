@@ -36,7 +36,7 @@ from .checkpoint import (
     to_host,
 )
 from .config import Config, ConfigError
-from .evaluate import evaluate
+from .evaluate import evaluate, evaluation_turns
 from .models import ModelConfig, init_from_config, load_hf, save_hf
 from .plots import plot_curves
 from .run_log import RunLogger
@@ -270,16 +270,9 @@ class Trainer:
         self.task = build_task(config)
         policy = load_policy(config)
         self.algorithm = build_algorithm(config, self.task)
-        # Evaluation's trajectories: the held-out rows' environments, built once (one
-        # compilation for every evaluation).
-        self.eval_turns = None
-        env = config.environment
-        if env.class_:
-            held_out = self.task.test.head(min(config.eval.size, len(self.task.test)))
-            self.eval_turns = dataclasses.replace(
-                self.algorithm.rollout,
-                episodes=self.task.episodes(held_out, env.max_observation_tokens),
-            )
+        # The held-out rows' environments, built once (one compilation for every evaluation).
+        held_out = self.task.test.head(min(config.eval.size, len(self.task.test)))
+        self.eval_turns = evaluation_turns(self.task, held_out, config.environment)
         check_layout(config, self.task, policy, self.algorithm, self.mesh, self._print)
         self.state = build_state(config, self.algorithm, policy, self.mesh, self.resume)
         if self.resume.resumed:
