@@ -1,11 +1,12 @@
 """Multi-turn learning benchmark: held-out accuracy by the last turn before → after training
 `configs/examples/multi_turn.toml` (a retry turn after a wrong answer), beside the same config
-trained single-turn (no `[environment]`, `max_new_tokens` = `max_turn_tokens`), in one run.
+trained single-turn (no `[environment]`, `max_new_tokens` = `max_turn_tokens`, the strict
+correctness as its reward), in one run.
 
     python benchmarks/multi_turn.py [key=value ...]
 
-Prints the machine, then one line per run: eval/accuracy at step 0 and at the end, the turns
-used at the end, and the wall time.
+Prints the machine and the load, then one line per run: eval/accuracy at step 0 and at the
+end, the turns used at the end, and the wall time.
 """
 
 import json
@@ -69,13 +70,18 @@ def run(name: str, config: Path, out: Path, overrides: list[str]) -> dict:
 
 
 def main(overrides: list[str]) -> None:
-    print(f"machine: {machine()}", flush=True)
+    print(
+        f"machine: {machine()}; load {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}",
+        flush=True,
+    )
     out = ROOT / "runs" / "benchmark-multi-turn"
     out.mkdir(parents=True, exist_ok=True)
     raw = tomllib.loads(CONFIG.read_text())
     single = dict(raw)
     environment = single.pop("environment")
     single["algorithm"] = {**raw["algorithm"], "max_new_tokens": environment["max_turn_tokens"]}
+    # The environment's reward (1 once an answer is right) becomes the correctness reward.
+    single["task"] = {**raw["task"], "correct_weight": 1.0}
     single_config = out / "single_turn.toml"
     single_config.write_text(tomli_w.dumps(single))
     results = [

@@ -155,7 +155,7 @@ class Flaky:
         if self.question == QUESTIONS[1]:
             raise ValueError("step failed")
         if self.question == QUESTIONS[2]:
-            time.sleep(30)
+            time.sleep(3)  # past timeout_s: cut, so the row fails
         return "again\n", 1.0, False
 
 
@@ -169,9 +169,7 @@ def test_a_raising_or_hanging_environment_ends_only_its_trajectory(toy):
         max_observation_tokens=OBS_TOKENS,
         timeout_s=1.0,
     )
-    start = time.perf_counter()
     _, out = _sample(policy, tokenizer, episodes, temperature=1.0)
-    assert time.perf_counter() - start < 25  # the hung step was cut at timeout_s
     assert np.asarray(out.turns.failed).tolist() == [True, True, True, False]
     assert np.asarray(out.turns.turns).tolist() == [0, 1, 1, TURNS]
     assert float(out.turns.reward[3]) == TURNS
