@@ -1,7 +1,8 @@
 """The decoder: embeddings, `lax.scan` over stacked layers, final norm, LM head.
 
 Positions come from the attention mask (`cumsum(mask) - 1`), so a left-padded row gets exactly
-the logits it would get alone. Sliding-window layers (Mistral, Gemma 3) are scanned with the
+the logits it would get alone; in packed rows (`segment_ids`) they restart in each segment and
+attention stays inside it, so each packed sequence gets the logits it would get alone too. Sliding-window layers (Mistral, Gemma 3) are scanned with the
 others: each layer's window (and, for Gemma 3, its RoPE base) rides along with its weights.
 The same layers serve a full forward pass (`__call__`,
 `hidden_states`) and the prefill that fills a KV cache; one-token decode steps run on the
@@ -40,6 +41,26 @@ def positions_from_mask(
     The position of each token (padding gets 0).
     """
     return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def positions_from_segments(segment_ids: Int[Array, "batch time"]) -> Int[Array, "batch time"]:
+    """Token positions in packed rows: each run of equal segment ids starts again at 0.
+
+    **Arguments:**
+
+    - `segment_ids`: the sequence each slot belongs to (each sequence's slots contiguous).
+
+    **Returns:**
+
+    The position of each token within its segment.
+    """
+    slots = jnp.broadcast_to(jnp.arange(segment_ids.shape[-1]), segment_ids.shape)
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids[..., :1], bool), segment_ids[..., 1:] != segment_ids[..., :-1]],
+        axis=-1,
+    )
+    first = jax.lax.cummax(jnp.where(starts, slots, 0), axis=segment_ids.ndim - 1)
+    return slots - first
 
 
 class Decoder(eqx.Module):
@@ -112,12 +133,16 @@ class Decoder(eqx.Module):
         input_ids: Int[Array, "batch time"],
         attention_mask: Bool[Array, "batch time"] | Int[Array, "batch time"],
         keep_cache: bool,
+        segment_ids: Int[Array, "batch time"] | None = None,
     ) -> tuple[Float[Array, "batch time hidden"], tuple | None]:
         """The residual stream after the last layer (not final-normed), and every layer's keys
         and values (stacked) when `keep_cache`."""
         config = self.config
         b, t = input_ids.shape
-        positions = positions_from_mask(attention_mask)
+        if segment_ids is None:
+            positions = positions_from_mask(attention_mask)
+        else:
+            positions = positions_from_segments(segment_ids)
         cos, sin = rotary_tables(config, positions)
         query_index = jnp.broadcast_to(jnp.arange(t), (b, t))
         key_valid = attention_mask.astype(bool)
@@ -150,6 +175,7 @@ class Decoder(eqx.Module):
                     window,
                     config.attention_scale,
                     self.attention_impl,
+                    segment_ids,
                 )
             return layer.finish(h, out, config), (k, v) if keep_cache else None
 
@@ -162,6 +188,7 @@ class Decoder(eqx.Module):
         self,
         input_ids: Int[Array, "batch time"],
         attention_mask: Bool[Array, "batch time"] | Int[Array, "batch time"],
+        segment_ids: Int[Array, "batch time"] | None = None,
     ) -> Float[Array, "batch time hidden"]:
         """The final-normed hidden states of a full forward pass (no cache).
 
@@ -169,12 +196,15 @@ class Decoder(eqx.Module):
 
         - `input_ids`: token ids (left padding allowed).
         - `attention_mask`: 1 on real tokens.
+        - `segment_ids`: for packed rows, the sequence each slot belongs to (its slots
+          contiguous): attention stays inside a segment and positions restart in each
+          (`gradflow.packing`); `None`: one sequence per row, positions from the mask.
 
         **Returns:**
 
         Hidden states in `compute_dtype`.
         """
-        h, _ = self._run_layers(input_ids, attention_mask, keep_cache=False)
+        h, _ = self._run_layers(input_ids, attention_mask, False, segment_ids)
         return norm(h, self.final_norm, self.config)
 
     def logits(self, hidden: Float[Array, "*batch hidden"]) -> Float[Array, "*batch vocab"]:

@@ -142,11 +142,14 @@ def attend(
     window: Int[Array, ""] | None,
     scale: float,
     implementation: str | None = None,
+    segment_ids: Int[Array, "batch keys"] | None = None,
 ) -> Float[Array, "batch time heads head_dim"]:
     """Causal grouped-query attention over key slots `0 … keys-1`.
 
     Query `t` of row `b` sits at slot `query_index[b, t]` and sees the valid slots at or before
-    it, fewer than `window` slots back (and always itself, so that padding rows stay finite).
+    it, fewer than `window` slots back (and always itself, so that padding rows stay finite);
+    with `segment_ids` (packed rows, where queries and keys are the same slots) only the slots
+    of its own segment.
 
     **Arguments:**
 
@@ -156,6 +159,7 @@ def attend(
     - `window`: how many slots a query sees (itself included); `None`: all before it.
     - `scale`: the factor on query·key scores.
     - `implementation`: `None`/`"xla"`/`"cudnn"`, passed to `jax.nn.dot_product_attention`.
+    - `segment_ids`: the sequence each slot belongs to (`None`: one sequence per row).
 
     **Returns:**
 
@@ -164,6 +168,8 @@ def attend(
     slots = jnp.arange(k.shape[1])
     distance = query_index[:, :, None] - slots[None, None, :]
     allowed = (distance >= 0) & (key_valid[:, None, :] | (distance == 0))
+    if segment_ids is not None:
+        allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
     if window is not None:
         allowed = allowed & (distance < window)
     # jax's XLA attention promotes bfloat16 against float32 internally, which strict promotion
