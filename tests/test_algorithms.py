@@ -524,6 +524,7 @@ def _other_value(key, value):
         "rollout_correction": "token_tis",
         "norm_constant": "time",
         "rollout_correction_threshold": 3.0,
+        "pack_tokens": 64,
     }
     if key.removeprefix("critic_") in special:
         return special[key.removeprefix("critic_")]
@@ -652,6 +653,8 @@ class CISPO(AbstractLoss):
     minibatches: int = 1
     micro_batches: int = 2
     logprob_chunk: int = 32
+    packing: bool = True
+    pack_tokens: int | None = None
     mask_truncated: bool = False
     needs_reference: bool = False
     needs_old_logprobs: bool = False

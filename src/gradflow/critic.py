@@ -5,6 +5,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from .models import Decoder
+from .packing import Packing, pack, packed_hidden
 
 
 class Critic(eqx.Module):
@@ -42,6 +43,7 @@ class Critic(eqx.Module):
         input_ids: Int[Array, "batch total"],
         attention_mask: Bool[Array, "batch total"] | Int[Array, "batch total"],
         prompt_len: int,
+        packing: Packing | None = None,
     ) -> Float[Array, "batch new"]:
         """The value before each completion token (slot `t-1` values token `t`'s state), float32.
 
@@ -50,12 +52,24 @@ class Critic(eqx.Module):
         - `input_ids`: prompt + completion ids.
         - `attention_mask`: 1 on real tokens.
         - `prompt_len`: number of prompt slots.
+        - `packing`: run the backbone on packed rows (`gradflow.packing`; `None`: the padded
+          rows as given); the values at positions without a completion token are then 0.
 
         **Returns:**
 
         Values of shape `(batch, total - prompt_len)`.
         """
+        if packing is not None:
+            packed = pack(input_ids, attention_mask, prompt_len, packing)
+            hidden = packed_hidden(
+                lambda ids, seg: self.backbone.hidden_states(ids, seg > 0, segment_ids=seg),
+                packed,
+            )
+            return jnp.where(packed.present, self._head(hidden), 0.0)
         hidden = self.backbone.hidden_states(input_ids, attention_mask)[:, prompt_len - 1 : -1]
+        return self._head(hidden)
+
+    def _head(self, hidden: Float[Array, "batch n hidden"]) -> Float[Array, "batch n"]:
         head = self.head.astype(hidden.dtype)
         values = jnp.einsum("bnd,d->bn", hidden, head, preferred_element_type=jnp.float32)
         return values + self.bias

@@ -2,7 +2,8 @@
 
 The LM head runs over `chunk` completion positions at a time under `jax.checkpoint`, so neither
 the forward nor the backward pass ever holds a `[batch, time, vocab]` tensor (with Qwen's 151,646-token
-vocabulary that tensor is what makes TRL run out of memory).
+vocabulary that tensor is what makes TRL run out of memory). With a `Packing` the forward pass
+runs on packed rows (`gradflow.packing`) and gives the same per-token values.
 """
 
 import jax
@@ -10,6 +11,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from .models import Decoder
+from .packing import Packing, pack, packed_hidden
 
 
 def completion_logprobs(
@@ -20,6 +22,7 @@ def completion_logprobs(
     *,
     chunk: int = 128,
     temperature: float = 1.0,
+    packing: Packing | None = None,
 ) -> tuple[Float[Array, "batch new"], Float[Array, "batch new"]]:
     """Log-probability and entropy of each completion token (float32).
 
@@ -35,14 +38,56 @@ def completion_logprobs(
     - `chunk`: completion positions per LM-head chunk.
     - `temperature`: the logits are divided by it (the sampling temperature, as verl and TRL do,
       so that the trained policy is the one the completions were sampled from).
+    - `packing`: run the forward pass on packed rows (`None`: the padded rows as given); the
+      values at positions without a completion token are then 0.
 
     **Returns:**
 
     `(logprobs, entropies)` of shape `(batch, total - prompt_len)`.
     """
-    hidden = model.hidden_states(input_ids, attention_mask)[:, prompt_len - 1 : -1]
     targets = input_ids[:, prompt_len:]
+    if packing is not None:
+        packed = pack(input_ids, attention_mask, prompt_len, packing)
+        hidden = packed_hidden(
+            lambda ids, segments: model.hidden_states(ids, segments > 0, segment_ids=segments),
+            packed,
+        )
+        return _present_logprobs(model, hidden, targets, packed.present, chunk, temperature)
+    hidden = model.hidden_states(input_ids, attention_mask)[:, prompt_len - 1 : -1]
     return head_logprobs(model, hidden, targets, chunk=chunk, temperature=temperature)
+
+
+def _present_logprobs(model, hidden, targets, present, chunk, temperature):
+    """`head_logprobs` over the present positions only: they are moved to the front, the head
+    runs over `chunk` of them at a time, and the chunks past the last present one are skipped
+    (`lax.cond`); the other positions get 0."""
+    b, n, d = hidden.shape
+    order = jnp.argsort(~present.reshape(-1), stable=True)
+    count = jnp.sum(present, dtype=jnp.int32)
+    chunk = min(chunk, b * n)
+    pad = -(b * n) % chunk
+    h = jnp.pad(hidden.reshape(b * n, d)[order], ((0, pad), (0, 0)))
+    t = jnp.pad(targets.reshape(-1)[order], (0, pad))
+    starts = jnp.arange(0, b * n + pad, chunk)
+
+    def one(xs):
+        h_c, t_c, start = xs
+        zeros = jnp.zeros((1, chunk), jnp.float32)
+        logp, ent = jax.lax.cond(
+            start < count,
+            lambda: head_logprobs(
+                model, h_c[None], t_c[None], chunk=chunk, temperature=temperature
+            ),
+            lambda: (zeros, zeros),
+        )
+        return logp[0], ent[0]
+
+    logp, ent = jax.lax.map(one, (h.reshape(-1, chunk, d), t.reshape(-1, chunk), starts))
+    place = lambda x: jnp.zeros((b * n,), jnp.float32).at[order].set(x.reshape(-1)[: b * n])  # noqa: E731
+    return (
+        jnp.where(present, place(logp).reshape(b, n), 0.0),
+        jnp.where(present, place(ent).reshape(b, n), 0.0),
+    )
 
 
 def head_logprobs(

@@ -4,7 +4,8 @@
 algorithm runs, and the objective is the loss stage's. The update is a nested `lax.scan`: epochs,
 then a shuffled batch reshaped into minibatches, then micro-batches whose gradients are
 accumulated exactly (the loss stage returns numerator / whole-minibatch denominator). Old
-log-probs, reference log-probs and old values are computed once, before the first epoch. Every
+log-probs, reference log-probs and old values are computed once, before the first epoch. With
+`loss.packing` every forward pass of the update runs on packed rows (`gradflow.packing`). Every
 metric is computed over the whole batch; each loss metric says how it reduces
 (`gradflow.stages.AbstractMetric`).
 
@@ -26,7 +27,8 @@ from .batch import Prompts
 from .critic import Critic
 from .logprobs import completion_logprobs
 from .models import Decoder
-from .sharding import constrain_replicated, constrain_rows, constrain_state
+from .packing import Packing
+from .sharding import batch_size_divisor, constrain_replicated, constrain_rows, constrain_state
 from .stages import Mean, UpdateBatch
 from .state import TrainState
 
@@ -59,6 +61,7 @@ def _objective(
     algorithm: Algorithm,
     prompt_len: int,
     denominator: Float[Array, ""],
+    packing: Packing | None,
 ):
     """The loss stage's objective of one micro-batch (its share of the minibatch loss) and its
     metrics, from the policy's log-probs (and the critic's values)."""
@@ -70,12 +73,15 @@ def _objective(
         prompt_len,
         chunk=loss.logprob_chunk,
         temperature=_training_temperature(algorithm),
+        packing=packing,
     )
     if micro.old_logp is None:
         micro = eqx.tree_at(
             lambda b: b.old_logp, micro, jax.lax.stop_gradient(logp), is_leaf=lambda x: x is None
         )
-    values = None if critic is None else critic.values(micro.ids, micro.full_mask, prompt_len)
+    values = None
+    if critic is not None:
+        values = critic.values(micro.ids, micro.full_mask, prompt_len, packing)
     objective, metrics = loss(logp, entropy, values, micro, denominator)
     if micro.sampler_logp is not None:
         m = micro.mask.astype(jnp.float32)
@@ -98,6 +104,14 @@ def _sampler_logprobs(algorithm: Algorithm, completions) -> Float[Array, "batch 
 def _training_temperature(algorithm: Algorithm) -> float:
     """The temperature the completions were sampled at (1 for greedy rollouts)."""
     return algorithm.rollout.temperature or 1.0
+
+
+def _packing(algorithm: Algorithm, mesh: Mesh | None) -> Packing | None:
+    """The update's packing (packed per batch shard on a mesh), or `None` when it is padded."""
+    if not algorithm.loss.packing:
+        return None
+    shards = 1 if mesh is None else batch_size_divisor(mesh)
+    return Packing(tokens=algorithm.loss.pack_tokens, shards=shards)
 
 
 def _nonfinite(tree) -> Bool[Array, ""]:
@@ -128,9 +142,11 @@ def _update(
     )
     train_critic = state.critic is not None
 
+    packing = _packing(algorithm, mesh)
+
     def objective(models, micro_batch, denominator):
         policy, critic = models
-        return _objective(policy, critic, micro_batch, algorithm, prompt_len, denominator)
+        return _objective(policy, critic, micro_batch, algorithm, prompt_len, denominator, packing)
 
     grad_fn = eqx.filter_grad(objective, has_aux=True)
 
@@ -297,6 +313,7 @@ def _compiled_step(inputs, state: TrainState) -> tuple[TrainState, dict[str, Arr
         mask = mask & completions.finished[:, None]
     parts = loss.minibatches * loss.micro_batches
     inputs = (ids, full_mask)
+    packing = _packing(algorithm, mesh)
 
     def logprobs_of(model):
         return _in_micro_batches(
@@ -307,6 +324,7 @@ def _compiled_step(inputs, state: TrainState) -> tuple[TrainState, dict[str, Arr
                 prompt_len,
                 chunk=loss.logprob_chunk,
                 temperature=_training_temperature(algorithm),
+                packing=packing,
             )[0],
             inputs,
             parts,
@@ -324,7 +342,10 @@ def _compiled_step(inputs, state: TrainState) -> tuple[TrainState, dict[str, Arr
     if state.critic is not None:
         old_values = jax.lax.stop_gradient(
             _in_micro_batches(
-                lambda x: state.critic.values(x[0], x[1], prompt_len), inputs, parts, mesh
+                lambda x: state.critic.values(x[0], x[1], prompt_len, packing),
+                inputs,
+                parts,
+                mesh,
             )
         )
     rewards_per_token = loss.shape_rewards(

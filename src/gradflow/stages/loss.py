@@ -120,6 +120,10 @@ class AbstractLoss(eqx.Module):
     - `micro_batches`: gradient-accumulation splits of each minibatch (exact when `__call__`
       divides by the minibatch's `denominator`).
     - `logprob_chunk`: completion positions per LM-head chunk when computing log-probs.
+    - `packing`: run the update's forward passes (old and reference log-probs, the critic's
+      values, each micro-batch's objective) on packed rows (`gradflow.packing`); the objective
+      and metrics are the padded update's.
+    - `pack_tokens`: slots per packed row (`None`: `prompt_len + max_new_tokens`).
     - `mask_truncated`: drop completions without EOS from the loss (DAPO's overlong filtering).
     - `needs_reference`: whether the train state keeps a frozen reference policy.
     - `needs_old_logprobs`: whether `shape_rewards` needs the behaviour policy's log-probs
@@ -130,6 +134,8 @@ class AbstractLoss(eqx.Module):
     minibatches: AbstractVar[int]
     micro_batches: AbstractVar[int]
     logprob_chunk: AbstractVar[int]
+    packing: AbstractVar[bool]
+    pack_tokens: AbstractVar[int | None]
     mask_truncated: AbstractVar[bool]
     needs_reference: AbstractVar[bool]
     needs_old_logprobs: AbstractVar[bool]
@@ -220,8 +226,8 @@ class PolicyLoss(AbstractLoss):
       0 where `ρ_t > threshold`), `"sequence_mask"` (weights `ρ = Π_t ρ_t` of the sequence, 0
       where `ρ > threshold`).
     - `rollout_correction_threshold`: the truncation / masking threshold.
-    - `epochs`, `minibatches`, `micro_batches`, `logprob_chunk`, `mask_truncated`: the schedule
-      (see `AbstractLoss`).
+    - `epochs`, `minibatches`, `micro_batches`, `logprob_chunk`, `packing`, `pack_tokens`,
+      `mask_truncated`: the schedule (see `AbstractLoss`).
     - `value_clip`: the critic's value clip (used when the state has a critic).
 
     With top-k/top-p sampling each token's policy loss is also weighed by `π_old(y)/μ(y)`, the
@@ -247,6 +253,8 @@ class PolicyLoss(AbstractLoss):
     value_clip: float = 0.5
     mask_truncated: bool = False
     logprob_chunk: int = 32
+    packing: bool = True
+    pack_tokens: int | None = None
 
     def __check_init__(self):
         checks = {
@@ -264,6 +272,8 @@ class PolicyLoss(AbstractLoss):
         for name in ("epochs", "minibatches", "micro_batches", "logprob_chunk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.pack_tokens is not None and self.pack_tokens < 1:
+            raise ValueError("pack_tokens must be >= 1 (or None: the padded row length)")
         if self.kl_coef < 0:
             raise ValueError("kl_coef must be >= 0")
         if self.dual_clip is not None and not self.dual_clip > 1.0:
