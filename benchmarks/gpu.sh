@@ -9,7 +9,8 @@
 #                                     # PARTS=flags: only gradflow's rollout under XLA flag variants;
 #                                     # PARTS=delivery: the 100-step GSM8K run at the 0.5B shape;
 #                                     # PARTS=group: one prefill per prompt against a prefill per
-#                                     # row and against HF num_return_sequences)
+#                                     # row and against HF num_return_sequences;
+#                                     # PARTS=update: the update phase, packed vs padded)
 #
 # Prints the tables and gradflow's fraction of the card's own decode roofline, measured in the
 # same run (benchmarks/roofline.py: the copy bandwidth over the bytes a decode step reads). The
@@ -23,7 +24,7 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false # share the GPU with torch
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 PYTHON="${PYTHON:-python}"
-PARTS="${PARTS:-delivery rollout group step flags}" # which benchmarks to run
+PARTS="${PARTS:-delivery rollout group step flags update}" # which benchmarks to run
 if [[ -d .whl ]]; then
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
@@ -123,4 +124,22 @@ if [[ " $PARTS " == *" flags "* ]]; then
     IFS='|' read -r _ _ _ compile median _ tokens _ <<<"$row"
     echo "| \`${flags:-(none)}\` | ${compile// /} | ${median// /} | ${tokens// /} |"
   done
+fi
+
+# The update phase of one GRPO step (reference log-probs and the micro-batch scan, no rollout),
+# packed (algorithm.packing = true) against padded in the same run, with the gradient gap: the
+# Qwen2.5-1.5B shape (Qwen2-1.5B's config: the same layers), GSM8K-like spreads (160-token
+# prompts, completions uniform over 10-100 % of 512 tokens), 32 prompts x 8 samples in 16
+# micro-batches, bfloat16 compute, "dots" rematerialisation.
+if [[ "${TINY:-0}" == 1 ]]; then
+  update_args=(--vocab 1024 --prompts 4 --group 4 --prompt-len 16 --new-tokens 16
+    --micro-batches 2)
+else
+  update_args=(--config src/gradflow/assets/qwen2/qwen2-1.5b-instruct.config.json --vocab 151936
+    --prompts 32 --group 8 --prompt-len 160 --new-tokens 512 --micro-batches 16
+    --logprob-chunk 64)
+fi
+update_args+=(--min-fraction 0.1 --dtype float32 --compute-dtype bfloat16 --remat dots --repeats 3)
+if [[ " $PARTS " == *" update "* ]]; then
+  "$PYTHON" benchmarks/update.py "${update_args[@]}"
 fi
