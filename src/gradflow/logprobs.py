@@ -70,6 +70,9 @@ def _present_logprobs(model, hidden, targets, present, chunk, temperature):
     t = jnp.pad(targets.reshape(-1)[order], (0, pad))
     starts = jnp.arange(0, b * n + pad, chunk)
 
+    # Checkpointed outside the `cond` too: a `cond` keeps its branch's residuals (the chunk's
+    # logits) for the backward pass even when the branch is checkpointed inside.
+    @jax.checkpoint
     def one(xs):
         h_c, t_c, start = xs
         zeros = jnp.zeros((1, chunk), jnp.float32)
