@@ -1,4 +1,5 @@
-"""Test-wide settings: 8 fake CPU devices, strict dtype promotion, float32 matmuls.
+"""Test-wide settings: 8 fake CPU devices, strict dtype promotion, float32 matmuls, no persistent
+compilation cache.
 
 Runtime shape checks (jaxtyping + beartype) on `gradflow` are switched on by
 `--jaxtyping-packages=gradflow,beartype.beartype` in pyproject.toml.
@@ -11,6 +12,9 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Runs started by tests (in this process and in child processes) never write into the user's
+# JAX compilation cache (gradflow.compilation_cache).
+os.environ["GRADFLOW_COMPILATION_CACHE"] = "0"
 
 import jax  # noqa: E402
 

@@ -30,6 +30,7 @@ class RunConfig:
     output_dir: str = ""
     resume: bool = False
     nonfinite: str = "skip"
+    compilation_cache: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

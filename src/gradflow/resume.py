@@ -21,6 +21,7 @@ from .config import Config, ConfigError, load_config
 RESUMABLE_CHANGES = (
     "run.resume",
     "run.output_dir",
+    "run.compilation_cache",
     "train.steps",
     "eval.",
     "checkpoint.",

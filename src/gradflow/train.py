@@ -35,6 +35,7 @@ from .checkpoint import (
     save_checkpoint,
     to_host,
 )
+from .compilation_cache import enable_compilation_cache
 from .config import Config, ConfigError
 from .evaluate import evaluate, evaluation_turns
 from .models import ModelConfig, init_from_config, load_hf, save_hf
@@ -477,6 +478,7 @@ def train(config: Config, *, config_name: str = "run") -> tuple[Path, dict[str, 
 
     `(run_dir, final evaluation metrics)`.
     """
+    enable_compilation_cache(config.run.compilation_cache)
     run_dir = run_directory(config, config_name)
     trainer = Trainer(config, run_dir)
     return run_dir, trainer.run()
