@@ -269,6 +269,7 @@ class Trainer:
             f"({processes} process{'es' if processes > 1 else ''})"
         )
         self.task = build_task(config)
+        self.task.scorer.start()
         policy = load_policy(config)
         self.algorithm = build_algorithm(config, self.task)
         # The held-out rows' environments, built once (one compilation for every evaluation).

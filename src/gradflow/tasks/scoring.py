@@ -13,6 +13,7 @@ import math
 import multiprocessing
 import os
 import pickle
+import threading
 from collections.abc import Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
 
@@ -62,6 +63,8 @@ class Scorer:
         self.timeout_s = timeout_s
         self.workers = (os.cpu_count() or 1) if workers < 0 else workers
         self._pool = None
+        self._pool_lock = threading.Lock()
+        self._starting: threading.Thread | None = None
         self._warned: set[tuple[str, str]] = set()
         if self.workers:
             try:
@@ -75,19 +78,44 @@ class Scorer:
                 self.workers = 0
 
     def _get_pool(self):
-        if self._pool is None:
-            from pebble import ProcessPool
+        with self._pool_lock:
+            if self._pool is None:
+                from pebble import ProcessPool
 
-            self._pool = ProcessPool(
-                max_workers=self.workers,
-                initializer=_load_in_worker,
-                initargs=([_portable(f) for f in self.functions],),
-                context=multiprocessing.get_context("forkserver"),
-            )
-        return self._pool
+                context = multiprocessing.get_context("forkserver")
+                if all(f.spec for f in self.functions):
+                    # Workers import every function by its spec: the fork server need not
+                    # import the main script (`__main__`, which pulls in JAX: seconds) first.
+                    context.set_forkserver_preload([__name__])
+                self._pool = ProcessPool(
+                    max_workers=self.workers,
+                    initializer=_load_in_worker,
+                    initargs=([_portable(f) for f in self.functions],),
+                    context=context,
+                )
+            return self._pool
+
+    def start(self) -> None:
+        """Starts the worker processes in the background, so that the first `score` finds them
+        running (their start, seconds of imports, overlaps the run's model load and
+        compilation); nothing without workers."""
+        if not self.workers or self._starting is not None:
+            return
+
+        def warm_up() -> None:
+            try:
+                self._get_pool().schedule(os.getpid).result()
+            except Exception:  # the first `score` meets the same failure and handles it
+                pass
+
+        self._starting = threading.Thread(target=warm_up, name="gradflow-scorer-start", daemon=True)
+        self._starting.start()
 
     def close(self) -> None:
         """Stops the worker processes."""
+        if self._starting is not None:
+            self._starting.join()
+            self._starting = None
         if self._pool is not None:
             self._pool.stop()
             self._pool.join()
