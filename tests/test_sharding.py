@@ -167,7 +167,9 @@ def test_sharded_step_matches_one_device():
         jax.tree.leaves(initial),
         strict=True,
     ):
-        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=0)
+        # float32 sums in another order (per-shard packing, sharded matmuls) move a near-zero
+        # gradient's Adam step: 1e-4 is a few percent of the largest move (> 1e-3, below)
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-4, rtol=0)
         moved = max(moved, float(np.max(np.abs(np.asarray(a) - np.asarray(c)))))
     assert moved > 1e-3  # the update did something
 
