@@ -269,7 +269,6 @@ class Trainer:
             f"({processes} process{'es' if processes > 1 else ''})"
         )
         self.task = build_task(config)
-        self.task.scorer.start()
         policy = load_policy(config)
         self.algorithm = build_algorithm(config, self.task)
         # The held-out rows' environments, built once (one compilation for every evaluation).
@@ -386,6 +385,9 @@ class Trainer:
         handle_sigint = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGINT, self._on_sigint) if handle_sigint else None
         try:
+            # The reward workers start in the background (seconds of imports), overlapping the
+            # first compilations; they stop when the run ends, however it ends.
+            self.task.scorer.start()
             return self._run()
         finally:
             self.task.close()
