@@ -34,8 +34,19 @@ class RunConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """`[model.lora]`: train LoRA adapters on a frozen base (`gradflow.models.lora`)."""
+
+    rank: int = 32
+    alpha: float = 64.0
+    targets: str | list = "all-linear"
+    dropout: float = 0.0
+    adapter: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """`[model]`: which policy to start from and how it computes."""
+    """`[model]`: which policy to start from and how it computes (`[model.lora]`: LoRA)."""
 
     path: str = ""
     init: str = "pretrained"
@@ -45,6 +56,7 @@ class ModelConfig:
     dtype: str = "float32"
     compute_dtype: str = ""
     remat: str = "none"
+    lora: LoraConfig | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,6 +220,9 @@ MINIMUMS: dict[str, float] = {
     "task.max_prompt_tokens": 0,
     "task.reward_workers": -1,
     "task.reward_timeout_s": 0.001,
+    "model.lora.rank": 1,
+    "model.lora.alpha": 0.0,
+    "model.lora.dropout": 0.0,
     "train.steps": 1,
     "train.prompts_per_step": 1,
     "eval.every": 0,
@@ -354,6 +369,10 @@ def build_section(name: str, table: Any, cls: type) -> Any:
                 f"{', '.join(sorted(keys))}"
             )
         field = field_of.get(key, key)
+        nested = [a for a in typing.get_args(hints[field]) if dataclasses.is_dataclass(a)]
+        if nested and isinstance(value, dict):  # a sub-table, e.g. [model.lora]
+            values[field] = build_section(f"{name}.{key}", value, nested[0])
+            continue
         values[field] = _check_value(f"{name}.{key}", value, hints[field])
     try:
         return cls(**values)
@@ -529,4 +548,10 @@ def build_config(raw: dict[str, Any], *, source: str = "") -> Config:
         )
     if config.model.init == "random" and not (config.model.config or config.model.path):
         raise ConfigError('model.init = "random" needs model.config (an HF config.json)')
+    lora = config.model.lora
+    if lora is not None and lora.adapter and config.model.init == "random":
+        raise ConfigError(
+            'model.lora.adapter was trained on a pretrained base, not on model.init = "random" '
+            "weights: drop one of them"
+        )
     return config

@@ -26,7 +26,7 @@ from .algorithms import Algorithm
 from .batch import Prompts
 from .critic import Critic
 from .logprobs import completion_logprobs
-from .models import Decoder
+from .models import Decoder, trainable
 from .packing import Packing
 from .sharding import batch_size_divisor, constrain_replicated, constrain_rows, constrain_state
 from .stages import Mean, UpdateBatch
@@ -144,46 +144,50 @@ def _update(
 
     packing = _packing(algorithm, mesh)
 
-    def objective(models, micro_batch, denominator):
-        policy, critic = models
+    # Gradients only of what is trained (with LoRA: the adapters; the base stays frozen).
+    def objective(trained, frozen, micro_batch, denominator):
+        policy, critic = eqx.combine(trained, frozen)
         return _objective(policy, critic, micro_batch, algorithm, prompt_len, denominator, packing)
 
     grad_fn = eqx.filter_grad(objective, has_aux=True)
 
     def minibatch_step(carry, minibatch: UpdateBatch):
         policy, policy_opt, critic, critic_opt = carry
-        models = (policy, critic)
+        trained, frozen = eqx.partition((policy, critic), trainable((policy, critic)))
         denominator = loss.denominator(minibatch)
         micro_batches = _split(minibatch, micro, mesh)
 
         def micro_step(acc, micro_batch):
-            grads, metrics = grad_fn(models, micro_batch, denominator)
+            grads, metrics = grad_fn(trained, frozen, micro_batch, denominator)
             return jax.tree.map(jnp.add, acc, grads), metrics
 
         shapes, _ = eqx.filter_eval_shape(
-            grad_fn, models, jax.tree.map(lambda x: x[0], micro_batches), denominator
+            grad_fn, trained, frozen, jax.tree.map(lambda x: x[0], micro_batches), denominator
         )
         init = constrain_state(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), mesh)
         grads, loss_metrics = jax.lax.scan(micro_step, init, micro_batches)
         grads = constrain_state(grads, mesh)
         g_policy, g_critic = grads
         skipped = _nonfinite(g_policy) | (_nonfinite(g_critic) if train_critic else False)
-        params = eqx.filter(policy, eqx.is_inexact_array)
+        params = trained[0]
         # optax's bias correction raises a Python float to an int32 count, which strict dtype
         # promotion (used in tests) rejects; the result is the same under standard promotion.
         with jax.numpy_dtype_promotion("standard"):
             updates, new_opt = policy_tx.update(g_policy, policy_opt, params)
-        new_policy = eqx.apply_updates(policy, updates)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(skipped, b, a), new, old)  # noqa: E731
-        policy, policy_opt = keep((new_policy, new_opt), (policy, policy_opt))
+        params, policy_opt = keep(
+            (eqx.apply_updates(params, updates), new_opt), (params, policy_opt)
+        )
+        policy = eqx.combine(params, frozen[0])
         metrics = {"loss": loss_metrics, "grad_norm": optax.tree.norm(g_policy)}
         if train_critic:
-            c_params = eqx.filter(critic, eqx.is_inexact_array)
+            c_params = trained[1]
             with jax.numpy_dtype_promotion("standard"):
                 c_updates, new_copt = critic_tx.update(g_critic, critic_opt, c_params)
-            critic, critic_opt = keep(
-                (eqx.apply_updates(critic, c_updates), new_copt), (critic, critic_opt)
+            c_params, critic_opt = keep(
+                (eqx.apply_updates(c_params, c_updates), new_copt), (c_params, critic_opt)
             )
+            critic = eqx.combine(c_params, frozen[1])
             metrics["critic_grad_norm"] = optax.tree.norm(g_critic)
         metrics["skipped"] = skipped.astype(jnp.float32)
         return (policy, policy_opt, critic, critic_opt), metrics
@@ -336,8 +340,8 @@ def _compiled_step(inputs, state: TrainState) -> tuple[TrainState, dict[str, Arr
     if not reuses_logprobs or loss.needs_old_logprobs:
         old_logp = jax.lax.stop_gradient(logprobs_of(state.policy))
     ref_logp = None
-    if state.reference is not None:
-        ref_logp = jax.lax.stop_gradient(logprobs_of(state.reference))
+    if state.reference_policy is not None:
+        ref_logp = jax.lax.stop_gradient(logprobs_of(state.reference_policy))
     old_values = None
     if state.critic is not None:
         old_values = jax.lax.stop_gradient(

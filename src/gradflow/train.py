@@ -6,7 +6,8 @@ continues exactly as if it had never stopped.
 
 Every run uses a mesh over all devices (`[mesh]`, `gradflow.sharding`). With several processes
 (`jax.distributed`) every process runs this same loop on the same prompts and process 0 alone
-writes the run directory (metrics, W&B, evaluations, checkpoints, the HF export). Ctrl-C ends
+writes the run directory (metrics, W&B, evaluations, checkpoints, the HF export; with LoRA also
+the PEFT adapter in `adapter/`, and checkpoints without the frozen base). Ctrl-C ends
 the step in flight, saves a checkpoint and exits with status 130 (a second Ctrl-C stops at once).
 """
 
@@ -31,6 +32,7 @@ from .algorithms import Algorithm
 from .assets import resolve_path
 from .batch import Prompts
 from .checkpoint import (
+    read_manifest,
     restore_checkpoint,
     save_checkpoint,
     to_host,
@@ -38,7 +40,15 @@ from .checkpoint import (
 from .compilation_cache import enable_compilation_cache
 from .config import Config, ConfigError
 from .evaluate import evaluate, evaluation_turns
-from .models import ModelConfig, init_from_config, load_hf, save_hf
+from .models import (
+    ModelConfig,
+    base_fingerprint,
+    init_from_config,
+    load_hf,
+    lora_policy,
+    save_hf,
+    save_peft,
+)
 from .plots import plot_curves
 from .run_log import RunLogger
 from .sharding import batch_size_divisor, check_batch, make_mesh, shard_prompts, shard_state
@@ -77,7 +87,8 @@ def prompt_indices(step: int, prompts: int, size: int, seed: int) -> np.ndarray:
 
 
 def load_policy(config: Config):
-    """The initial policy: a local HF checkpoint, or random weights of a config's shape.
+    """The initial policy: a local HF checkpoint, or random weights of a config's shape, with
+    LoRA adapters when `[model.lora]` asks for them (fresh, or a PEFT adapter's).
 
     **Arguments:**
 
@@ -104,6 +115,15 @@ def load_policy(config: Config):
         if mc.overrides:
             raise ValueError('model.overrides only applies with model.init = "random"')
         policy = load_hf(model_directory(mc.path), dtype=dtype)
+    if mc.lora is not None:
+        policy = lora_policy(
+            policy,
+            rank=mc.lora.rank,
+            alpha=mc.lora.alpha,
+            targets=mc.lora.targets,
+            adapter=resolve_path(mc.lora.adapter) if mc.lora.adapter else None,
+            key=jax.random.fold_in(jax.random.key(config.run.seed), 1),
+        )
     return dataclasses.replace(policy, compute_dtype=jnp.dtype(compute).name, remat=mc.remat)
 
 
@@ -251,7 +271,27 @@ def build_state(
     policy = shard_state(policy, mesh)
     state = init_state(algorithm, policy, key=jax.random.key(config.run.seed))
     state = shard_state(state, mesh)
-    return restore_checkpoint(start.checkpoint, state) if start.resumed else state
+    if not start.resumed:
+        return state
+    # A LoRA checkpoint holds the adapters, not the frozen base: the base it was trained on must
+    # be the one loaded now.
+    saved, loaded = (
+        read_manifest(start.checkpoint).get("base_fingerprint"),
+        _base_fingerprint(state),
+    )
+    if saved != loaded:
+        raise ConfigError(
+            f"run.resume: {start.checkpoint} was trained on a base model with fingerprint "
+            f"{saved}, the base loaded now has {loaded}; resume on the same model.path weights"
+        )
+    return state.with_trained(restore_checkpoint(start.checkpoint, state.trained()))
+
+
+def _base_fingerprint(state: TrainState) -> str | None:
+    """The fingerprint of a LoRA policy's frozen base (`None` without adapters)."""
+    if state.policy.lora is None:
+        return None
+    return base_fingerprint(state.policy.adapters_off())
 
 
 class Trainer:
@@ -276,6 +316,7 @@ class Trainer:
         self.eval_turns = evaluation_turns(self.task, held_out, config.environment)
         check_layout(config, self.task, policy, self.algorithm, self.mesh, self._print)
         self.state = build_state(config, self.algorithm, policy, self.mesh, self.resume)
+        self.base = _base_fingerprint(self.state)
         if self.resume.resumed:
             self._print(f"resuming from {self.resume.checkpoint} (step {self.resume.step})")
         elif config.run.resume:
@@ -341,9 +382,9 @@ class Trainer:
     def _checkpoint(self, step: int) -> None:
         save_checkpoint(
             self.checkpoints,
-            self.state,
+            self.state.trained(),
             step,
-            {"algorithm": self.config.algorithm_name},
+            {"algorithm": self.config.algorithm_name, "base_fingerprint": self.base},
             keep=self.config.checkpoint.keep,
         )
 
@@ -455,8 +496,13 @@ class Trainer:
         # The export comes before the last checkpoint: a crash between the two resumes from the
         # checkpoint before and exports again, instead of finding a finished run without export.
         if self.main_process:
+            if policy.lora is not None:
+                base = (
+                    "" if config.model.init == "random" else str(model_directory(config.model.path))
+                )
+                save_peft(policy, self.run_dir / "adapter", base_model=base)
             export = self.run_dir / "hf"
-            save_hf(policy, export)
+            save_hf(policy, export)  # LoRA adapters merged
             self.task.tokenizer.save_pretrained(export)
             # The source model's generation defaults (its EOS list above all) go with it.
             source = resolve_path(config.model.path) if config.model.path else None

@@ -18,6 +18,7 @@ from .attention import attend_blocked
 from .config import ModelConfig
 from .kv_cache import KVCache
 from .layers import DecoderLayer, attend, embed_tokens, norm, softcap
+from .lora import LoraAdapters, resolve_targets
 from .rope import rotary_tables
 
 REMAT_POLICIES = {
@@ -25,6 +26,29 @@ REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+
+def trainable(tree):
+    """The filter spec of what an optimizer trains in `tree` (a model, a train state, a
+    gradient): every floating-point array, except in a `Decoder` with LoRA adapters, where only
+    the adapters are (its base weights are frozen).
+
+    **Arguments:**
+
+    - `tree`: any pytree.
+
+    **Returns:**
+
+    A pytree of bools with `tree`'s structure, for `eqx.filter` / `eqx.partition`.
+    """
+
+    def spec(node):
+        if isinstance(node, Decoder) and node.lora is not None:
+            frozen = jax.tree.map(lambda _: False, node.adapters_off())
+            return frozen.replace_adapters(jax.tree.map(eqx.is_inexact_array, node.lora))
+        return jax.tree.map(eqx.is_inexact_array, node)
+
+    return jax.tree.map(spec, tree, is_leaf=lambda x: isinstance(x, Decoder))
 
 
 def positions_from_mask(
@@ -122,6 +146,73 @@ class Decoder(eqx.Module):
             config=config,
             compute_dtype=jnp.dtype(dtype).name,
         )
+
+    @property
+    def lora(self) -> LoraAdapters | None:
+        """The LoRA adapters of every layer (stacked), or `None`."""
+        return self.layers.lora
+
+    def with_lora(
+        self,
+        rank: int,
+        alpha: "float | int",
+        targets: "str | list[str] | tuple[str, ...]" = "all-linear",
+        *,
+        key: PRNGKeyArray,
+    ) -> "Decoder":
+        """This model with fresh LoRA adapters (`B = 0`: it computes what it computed before).
+
+        **Arguments:**
+
+        - `rank`: `r` (≥ 1).
+        - `alpha`: the update is scaled by `alpha / rank`.
+        - `targets`: `"all-linear"` or a list of projection names (`gradflow.models.lora`).
+        - `key`: PRNG key for `A`.
+
+        **Returns:**
+
+        The `Decoder` with adapters in the parameter dtype.
+        """
+        names = resolve_targets(targets)
+        keys = jax.random.split(key, self.config.num_layers)
+        dtype = self.embed.dtype
+        adapters = eqx.filter_vmap(
+            lambda k: LoraAdapters.init(self.config, rank, alpha, names, key=k, dtype=dtype)
+        )(keys)
+        return self.replace_adapters(adapters)
+
+    def replace_adapters(self, adapters: LoraAdapters | None) -> "Decoder":
+        """This model with `adapters` (stacked over layers) in place of its own.
+
+        **Arguments:**
+
+        - `adapters`: the new adapters, or `None` (the base model).
+
+        **Returns:**
+
+        The `Decoder` (sharing every base weight with this one).
+        """
+        return eqx.tree_at(lambda m: m.layers.lora, self, adapters, is_leaf=lambda x: x is None)
+
+    def adapters_off(self) -> "Decoder":
+        """The base model: this one with its LoRA adapters switched off (no weights copied).
+
+        **Returns:**
+
+        The `Decoder` without adapters.
+        """
+        return self.replace_adapters(None)
+
+    def merge_adapters(self) -> "Decoder":
+        """This model with its adapters merged into its weights (`W + s · B A`), none left.
+
+        **Returns:**
+
+        A plain `Decoder` that computes what this one computes.
+        """
+        if self.lora is None:
+            return self
+        return eqx.tree_at(lambda m: m.layers, self, self.layers.merged())
 
     @property
     def head_weight(self) -> Float[Array, "vocab hidden"]:

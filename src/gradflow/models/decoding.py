@@ -51,7 +51,8 @@ class DecodingLayer(AbstractDecoderLayer):
 
     @staticmethod
     def from_layer(layer: DecoderLayer, dtype: str) -> "DecodingLayer":
-        """Concatenates and casts one (unstacked) `DecoderLayer`.
+        """Merges the adapters of one (unstacked) `DecoderLayer` into its weights, then
+        concatenates and casts them.
 
         **Arguments:**
 
@@ -62,6 +63,8 @@ class DecodingLayer(AbstractDecoderLayer):
 
         The `DecodingLayer`.
         """
+
+        layer = layer.merged()
 
         def cast(w):
             return None if w is None else w.astype(dtype)
@@ -99,6 +102,12 @@ class DecodingLayer(AbstractDecoderLayer):
     ) -> tuple[Float[Array, "*batch intermediate"], Float[Array, "*batch intermediate"]]:
         gate, up = jnp.split(linear(x, self.gate_up_proj), 2, axis=-1)
         return gate, up
+
+    def project_out(self, x: Float[Array, "*batch q_out"]) -> Float[Array, "*batch hidden"]:
+        return linear(x, self.o_proj)
+
+    def project_down(self, x: Float[Array, "*batch intermediate"]) -> Float[Array, "*batch hidden"]:
+        return linear(x, self.down_proj)
 
     def __call__(
         self,

@@ -201,7 +201,8 @@ def load_hf(path: "str | Path", *, dtype=jnp.float32, compute_dtype=None) -> Dec
 
 
 def hf_state_dict(model: Decoder) -> dict[str, np.ndarray]:
-    """The model's weights under their HF names, as numpy arrays in the parameter dtype.
+    """The model's weights under their HF names, as numpy arrays in the parameter dtype (LoRA
+    adapters merged in).
 
     **Arguments:**
 
@@ -211,6 +212,7 @@ def hf_state_dict(model: Decoder) -> dict[str, np.ndarray]:
 
     A name → array dictionary.
     """
+    model = model.merge_adapters()
     tensors: dict[str, np.ndarray] = {}
     for field, name in layer_tensors(model.config).items():
         stacked = getattr(model.layers, field)
@@ -227,7 +229,8 @@ def hf_state_dict(model: Decoder) -> dict[str, np.ndarray]:
 
 
 def save_hf(model: Decoder, path: "str | Path", *, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
-    """Writes `config.json` and safetensors that `transformers.AutoModelForCausalLM` loads.
+    """Writes `config.json` and safetensors that `transformers.AutoModelForCausalLM` loads (a
+    model with LoRA adapters is written with them merged).
 
     Checkpoints over `max_shard_bytes` are sharded with a `model.safetensors.index.json`. Each
     file is written beside its final name and renamed into place; weight files of an earlier save

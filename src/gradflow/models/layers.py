@@ -17,6 +17,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from .config import ModelConfig
+from .lora import LoraAdapters
 from .rope import apply_rotary
 
 ACTIVATIONS = {
@@ -262,16 +263,14 @@ class AbstractDecoderLayer(eqx.Module):
     rotates queries and keys, attends (`attend` or `attend_cache`, chosen by the caller) and
     projects back; the MLP is `down(act(gate(x)) · up(x))`. Gemma also norms each block's
     output (`attention_out_norm`, `mlp_out_norm`) before adding it. A subclass supplies the
-    weights and the two input projections.
+    weights and the four projections.
     """
 
     input_norm: eqx.AbstractVar[Float[Array, " hidden"]]
     q_norm: eqx.AbstractVar[Float[Array, " head_dim"] | None]
     k_norm: eqx.AbstractVar[Float[Array, " head_dim"] | None]
-    o_proj: eqx.AbstractVar[Float[Array, "hidden q_out"]]
     attention_out_norm: eqx.AbstractVar[Float[Array, " hidden"] | None]
     post_norm: eqx.AbstractVar[Float[Array, " hidden"]]
-    down_proj: eqx.AbstractVar[Float[Array, "hidden intermediate"]]
     mlp_out_norm: eqx.AbstractVar[Float[Array, " hidden"] | None]
 
     @abc.abstractmethod
@@ -287,6 +286,14 @@ class AbstractDecoderLayer(eqx.Module):
         self, x: Float[Array, "*batch hidden"]
     ) -> tuple[Float[Array, "*batch intermediate"], Float[Array, "*batch intermediate"]]:
         """The MLP's gate and up projections of the normed stream."""
+
+    @abc.abstractmethod
+    def project_out(self, x: Float[Array, "*batch q_out"]) -> Float[Array, "*batch hidden"]:
+        """The attention output projection of the concatenated heads."""
+
+    @abc.abstractmethod
+    def project_down(self, x: Float[Array, "*batch intermediate"]) -> Float[Array, "*batch hidden"]:
+        """The MLP's down projection."""
 
     def qkv(
         self,
@@ -341,12 +348,12 @@ class AbstractDecoderLayer(eqx.Module):
 
         The residual stream leaving the layer.
         """
-        out = linear(attention.reshape(*h.shape[:-1], -1), self.o_proj)
+        out = self.project_out(attention.reshape(*h.shape[:-1], -1))
         if self.attention_out_norm is not None:
             out = norm(out, self.attention_out_norm, config)
         h = h + out
         gate, up = self.project_gate_up(norm(h, self.post_norm, config))
-        out = linear(ACTIVATIONS[config.hidden_act](gate) * up, self.down_proj)
+        out = self.project_down(ACTIVATIONS[config.hidden_act](gate) * up)
         if self.mlp_out_norm is not None:
             out = norm(out, self.mlp_out_norm, config)
         return h + out
@@ -356,7 +363,8 @@ class DecoderLayer(AbstractDecoderLayer):
     """The weights of one (or, stacked along a leading axis, every) decoder layer, HF layout.
 
     `q_norm`/`k_norm` exist with the family's q/k norms, `attention_out_norm`/`mlp_out_norm` with
-    Gemma's; the q/k/v biases with Qwen2's.
+    Gemma's; the q/k/v biases with Qwen2's; `lora` holds LoRA adapters on some projections
+    (`gradflow.models.lora`), applied factored as `x Wᵀ + s · (x Aᵀ) Bᵀ`.
     """
 
     input_norm: Float[Array, "*layers hidden"]
@@ -375,6 +383,7 @@ class DecoderLayer(AbstractDecoderLayer):
     up_proj: Float[Array, "*layers intermediate hidden"]
     down_proj: Float[Array, "*layers hidden intermediate"]
     mlp_out_norm: Float[Array, "*layers hidden"] | None
+    lora: LoraAdapters | None = None
 
     @staticmethod
     def init(config: ModelConfig, *, key: PRNGKeyArray, dtype=jnp.float32) -> "DecoderLayer":
@@ -425,18 +434,46 @@ class DecoderLayer(AbstractDecoderLayer):
             mlp_out_norm=identity_norm(d, family.gemma),
         )
 
+    def _project(self, name: str, x, bias=None):
+        y = linear(x, getattr(self, name), bias)
+        delta = None if self.lora is None else self.lora.delta(name, x)
+        return y if delta is None else y + delta
+
     def project_qkv(
         self, x: Float[Array, "*batch hidden"]
     ) -> tuple[
         Float[Array, "*batch q_out"], Float[Array, "*batch kv_out"], Float[Array, "*batch kv_out"]
     ]:
         return (
-            linear(x, self.q_proj, self.q_bias),
-            linear(x, self.k_proj, self.k_bias),
-            linear(x, self.v_proj, self.v_bias),
+            self._project("q_proj", x, self.q_bias),
+            self._project("k_proj", x, self.k_bias),
+            self._project("v_proj", x, self.v_bias),
         )
 
     def project_gate_up(
         self, x: Float[Array, "*batch hidden"]
     ) -> tuple[Float[Array, "*batch intermediate"], Float[Array, "*batch intermediate"]]:
-        return linear(x, self.gate_proj), linear(x, self.up_proj)
+        return self._project("gate_proj", x), self._project("up_proj", x)
+
+    def project_out(self, x: Float[Array, "*batch q_out"]) -> Float[Array, "*batch hidden"]:
+        return self._project("o_proj", x)
+
+    def project_down(self, x: Float[Array, "*batch intermediate"]) -> Float[Array, "*batch hidden"]:
+        return self._project("down_proj", x)
+
+    def merged(self) -> "DecoderLayer":
+        """The layer with its adapters merged into the projections (`W + s · B A`), no adapters.
+
+        **Returns:**
+
+        The `DecoderLayer` (this one when it has no adapters).
+        """
+        if self.lora is None:
+            return self
+        names = self.lora.targets
+        return eqx.tree_at(
+            lambda layer: (*(getattr(layer, n) for n in names), layer.lora),
+            self,
+            (*(self.lora.merged(n, getattr(self, n)) for n in names), None),
+            is_leaf=lambda x: x is None,
+        )
