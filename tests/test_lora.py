@@ -10,7 +10,7 @@
 - A run exports `adapter/` and `hf/`, checkpoints adapters without the base, resumes
   bit-identically and refuses another base; `model.init = "random"` trains too.
 - Bad input: rank ≤ 0, a target matching no module, an adapter of another shape, an adapter on
-  random weights.
+  random weights, dropout (not implemented).
 """
 
 import json
@@ -366,6 +366,7 @@ def test_lora_on_random_weights_trains():
             r"up_proj, down_proj",
         ),
         (['model.lora.targets="everything"'], r"neither \"all-linear\" nor a list"),
+        (["model.lora.dropout=0.1"], r"LoRA dropout is not implemented"),
         (["model.lora.ranks=8"], r"unknown key model.lora.ranks \(did you mean 'rank'\?\)"),
         (
             [

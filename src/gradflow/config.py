@@ -222,7 +222,6 @@ MINIMUMS: dict[str, float] = {
     "task.reward_timeout_s": 0.001,
     "model.lora.rank": 1,
     "model.lora.alpha": 0.0,
-    "model.lora.dropout": 0.0,
     "train.steps": 1,
     "train.prompts_per_step": 1,
     "eval.every": 0,
@@ -549,6 +548,11 @@ def build_config(raw: dict[str, Any], *, source: str = "") -> Config:
     if config.model.init == "random" and not (config.model.config or config.model.path):
         raise ConfigError('model.init = "random" needs model.config (an HF config.json)')
     lora = config.model.lora
+    if lora is not None and lora.dropout != 0.0:
+        raise ConfigError(
+            f"model.lora.dropout = {lora.dropout}: LoRA dropout is not implemented (the adapters "
+            "train without it); set it to 0.0"
+        )
     if lora is not None and lora.adapter and config.model.init == "random":
         raise ConfigError(
             'model.lora.adapter was trained on a pretrained base, not on model.init = "random" '
