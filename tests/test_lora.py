@@ -5,12 +5,13 @@
   (Qwen2 with q/k/v biases and an untied head, Qwen3 with q/k norms and a tied head); an adapter
   written by `peft` itself loads with PEFT's logits; the sampler decodes with them (merged) as
   the forward pass computes them (factored).
+- Dropout acts on the adapters' inputs of the training objective only.
 - A step trains the adapters only: the base stays bit-identical, the optimizer holds adapter
   moments only, the reference is the base (no copy) — for every algorithm, on a mesh too.
 - A run exports `adapter/` and `hf/`, checkpoints adapters without the base, resumes
   bit-identically and refuses another base; `model.init = "random"` trains too.
 - Bad input: rank ≤ 0, a target matching no module, an adapter of another shape, an adapter on
-  random weights, dropout (not implemented).
+  random weights, a dropout outside [0, 1).
 """
 
 import json
@@ -195,6 +196,56 @@ def test_sampler_decodes_with_the_adapters():
     np.testing.assert_allclose(np.where(out.mask, picked, 0.0), out.logprobs, atol=1e-4)
 
 
+def test_dropout_drops_adapter_inputs_in_the_objective_only(tmp_path):
+    model = load_hf(TOY)
+    ids = jnp.asarray([[3, 4, 5, 6, 7]], jnp.int32)
+    mask = jnp.ones_like(ids, bool)
+    fresh = model.with_lora(4, 8, dropout=0.5, key=jax.random.key(0))
+    # B = 0: the adapters add nothing, dropped or not.
+    np.testing.assert_array_equal(
+        fresh.with_dropout(jax.random.key(1))(ids, mask), model(ids, mask)
+    )
+    policy = _randomised(fresh, jax.random.key(1))
+    plain = np.asarray(policy(ids, mask))
+    first = np.asarray(policy.with_dropout(jax.random.key(2))(ids, mask))
+    np.testing.assert_array_equal(first, policy.with_dropout(jax.random.key(2))(ids, mask))
+    assert np.abs(first - plain).max() > 1e-3
+    assert (
+        np.abs(first - np.asarray(policy.with_dropout(jax.random.key(3))(ids, mask))).max() > 1e-3
+    )
+    # Without a key (log-probs before the update, the reference, the sampler) nothing is dropped;
+    # nor with a rate of 0.
+    no_dropout = _randomised(model.with_lora(4, 8, key=jax.random.key(0)), jax.random.key(1))
+    np.testing.assert_array_equal(no_dropout.with_dropout(jax.random.key(2))(ids, mask), plain)
+    save_peft(policy, tmp_path / "adapter")
+    settings = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert settings["lora_dropout"] == 0.5
+    # A step trains with it: the same step without dropout updates the adapters differently.
+    algorithm = algorithms.make(
+        "grpo",
+        reward=_reward(),
+        group_size=2,
+        max_new_tokens=6,
+        learning_rate=1e-2,
+        eos_token_ids=(1,),
+    )
+    trained = []
+    for rate in (0.3, 0.0):
+        policy = init_from_config(SHAPE, key=jax.random.key(0))
+        policy = _randomised(
+            policy.with_lora(4, 8, dropout=rate, key=jax.random.key(3)), jax.random.key(4)
+        )
+        state, metrics = step(
+            algorithm,
+            init_state(algorithm, policy, key=jax.random.key(1)),
+            _prompts(),
+            jax.random.key(0),
+        )
+        assert float(metrics["update/skipped"]) == 0.0
+        trained.append(np.asarray(state.policy.lora.q_proj.a))
+    assert np.abs(trained[0] - trained[1]).max() > 1e-6
+
+
 # ---------------------------------------------------------------------------------------------
 # Training.
 
@@ -366,7 +417,7 @@ def test_lora_on_random_weights_trains():
             r"up_proj, down_proj",
         ),
         (['model.lora.targets="everything"'], r"neither \"all-linear\" nor a list"),
-        (["model.lora.dropout=0.1"], r"LoRA dropout is not implemented"),
+        (["model.lora.dropout=1.0"], r"model.lora.dropout: must be in \[0, 1\), got 1.0"),
         (["model.lora.ranks=8"], r"unknown key model.lora.ranks \(did you mean 'rank'\?\)"),
         (
             [

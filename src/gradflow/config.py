@@ -548,11 +548,8 @@ def build_config(raw: dict[str, Any], *, source: str = "") -> Config:
     if config.model.init == "random" and not (config.model.config or config.model.path):
         raise ConfigError('model.init = "random" needs model.config (an HF config.json)')
     lora = config.model.lora
-    if lora is not None and lora.dropout != 0.0:
-        raise ConfigError(
-            f"model.lora.dropout = {lora.dropout}: LoRA dropout is not implemented (the adapters "
-            "train without it); set it to 0.0"
-        )
+    if lora is not None and not 0.0 <= lora.dropout < 1.0:
+        raise ConfigError(f"model.lora.dropout: must be in [0, 1), got {lora.dropout!r}")
     if lora is not None and lora.adapter and config.model.init == "random":
         raise ConfigError(
             'model.lora.adapter was trained on a pretrained base, not on model.init = "random" '

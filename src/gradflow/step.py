@@ -62,12 +62,13 @@ def _objective(
     prompt_len: int,
     denominator: Float[Array, ""],
     packing: Packing | None,
+    dropout_key: PRNGKeyArray,
 ):
     """The loss stage's objective of one micro-batch (its share of the minibatch loss) and its
-    metrics, from the policy's log-probs (and the critic's values)."""
+    metrics, from the policy's log-probs (with its LoRA dropout, if any) and the critic's values."""
     loss = algorithm.loss
     logp, entropy = completion_logprobs(
-        policy,
+        policy.with_dropout(dropout_key),
         micro.ids,
         micro.full_mask,
         prompt_len,
@@ -145,27 +146,37 @@ def _update(
     packing = _packing(algorithm, mesh)
 
     # Gradients only of what is trained (with LoRA: the adapters; the base stays frozen).
-    def objective(trained, frozen, micro_batch, denominator):
+    def objective(trained, frozen, micro_batch, denominator, dropout_key):
         policy, critic = eqx.combine(trained, frozen)
-        return _objective(policy, critic, micro_batch, algorithm, prompt_len, denominator, packing)
+        return _objective(
+            policy, critic, micro_batch, algorithm, prompt_len, denominator, packing, dropout_key
+        )
 
     grad_fn = eqx.filter_grad(objective, has_aux=True)
 
-    def minibatch_step(carry, minibatch: UpdateBatch):
+    def minibatch_step(carry, inputs):
+        minibatch, minibatch_key = inputs
         policy, policy_opt, critic, critic_opt = carry
         trained, frozen = eqx.partition((policy, critic), trainable((policy, critic)))
         denominator = loss.denominator(minibatch)
         micro_batches = _split(minibatch, micro, mesh)
 
-        def micro_step(acc, micro_batch):
-            grads, metrics = grad_fn(trained, frozen, micro_batch, denominator)
+        def micro_step(acc, inputs):
+            micro_batch, dropout_key = inputs
+            grads, metrics = grad_fn(trained, frozen, micro_batch, denominator, dropout_key)
             return jax.tree.map(jnp.add, acc, grads), metrics
 
+        dropout_keys = jax.random.split(minibatch_key, micro)
         shapes, _ = eqx.filter_eval_shape(
-            grad_fn, trained, frozen, jax.tree.map(lambda x: x[0], micro_batches), denominator
+            grad_fn,
+            trained,
+            frozen,
+            jax.tree.map(lambda x: x[0], micro_batches),
+            denominator,
+            dropout_keys[0],
         )
         init = constrain_state(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), mesh)
-        grads, loss_metrics = jax.lax.scan(micro_step, init, micro_batches)
+        grads, loss_metrics = jax.lax.scan(micro_step, init, (micro_batches, dropout_keys))
         grads = constrain_state(grads, mesh)
         g_policy, g_critic = grads
         skipped = _nonfinite(g_policy) | (_nonfinite(g_critic) if train_critic else False)
@@ -197,7 +208,11 @@ def _update(
         if minibatches > 1:
             order = jax.random.permutation(epoch_key, rows)
             shuffled = jax.tree.map(lambda x: x[order], batch)
-        return jax.lax.scan(minibatch_step, carry, _split(shuffled, minibatches, mesh))
+        # The order's key is the epoch's own; the dropout keys fold it in (LoRA dropout only).
+        dropout_keys = jax.random.split(jax.random.fold_in(epoch_key, 1), minibatches)
+        return jax.lax.scan(
+            minibatch_step, carry, (_split(shuffled, minibatches, mesh), dropout_keys)
+        )
 
     carry = (state.policy, state.policy_opt, state.critic, state.critic_opt)
     carry, per_update = jax.lax.scan(epoch, carry, jax.random.split(key, epochs))

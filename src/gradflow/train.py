@@ -121,6 +121,7 @@ def load_policy(config: Config):
             rank=mc.lora.rank,
             alpha=mc.lora.alpha,
             targets=mc.lora.targets,
+            dropout=mc.lora.dropout,
             adapter=resolve_path(mc.lora.adapter) if mc.lora.adapter else None,
             key=jax.random.fold_in(jax.random.key(config.run.seed), 1),
         )

@@ -158,6 +158,7 @@ class Decoder(eqx.Module):
         alpha: "float | int",
         targets: "str | list[str] | tuple[str, ...]" = "all-linear",
         *,
+        dropout: float = 0.0,
         key: PRNGKeyArray,
     ) -> "Decoder":
         """This model with fresh LoRA adapters (`B = 0`: it computes what it computed before).
@@ -167,6 +168,7 @@ class Decoder(eqx.Module):
         - `rank`: `r` (≥ 1).
         - `alpha`: the update is scaled by `alpha / rank`.
         - `targets`: `"all-linear"` or a list of projection names (`gradflow.models.lora`).
+        - `dropout`: the rate at which the adapters' inputs are dropped in training.
         - `key`: PRNG key for `A`.
 
         **Returns:**
@@ -177,7 +179,9 @@ class Decoder(eqx.Module):
         keys = jax.random.split(key, self.config.num_layers)
         dtype = self.embed.dtype
         adapters = eqx.filter_vmap(
-            lambda k: LoraAdapters.init(self.config, rank, alpha, names, key=k, dtype=dtype)
+            lambda k: LoraAdapters.init(
+                self.config, rank, alpha, names, dropout=dropout, key=k, dtype=dtype
+            )
         )(keys)
         return self.replace_adapters(adapters)
 
@@ -193,6 +197,25 @@ class Decoder(eqx.Module):
         The `Decoder` (sharing every base weight with this one).
         """
         return eqx.tree_at(lambda m: m.layers.lora, self, adapters, is_leaf=lambda x: x is None)
+
+    def with_dropout(self, key: PRNGKeyArray) -> "Decoder":
+        """This model with its adapters' dropout switched on, drawn from `key` (unchanged without
+        adapters or with a dropout rate of 0).
+
+        **Arguments:**
+
+        - `key`: PRNG key of this forward pass's dropout masks.
+
+        **Returns:**
+
+        The `Decoder`.
+        """
+        if self.lora is None or self.lora.dropout == 0.0:
+            return self
+        keys = jax.random.split(key, self.config.num_layers)
+        return eqx.tree_at(
+            lambda m: m.layers.lora.dropout_key, self, keys, is_leaf=lambda x: x is None
+        )
 
     def adapters_off(self) -> "Decoder":
         """The base model: this one with its LoRA adapters switched off (no weights copied).

@@ -15,7 +15,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, Float, Key, PRNGKeyArray
 
 from .config import ModelConfig
 
@@ -69,6 +69,10 @@ class LoraAdapters(eqx.Module):
     - `q_proj` … `down_proj`: the adapters, by HF module name.
     - `rank`: `r`.
     - `alpha`: PEFT's `lora_alpha`; the update is scaled by `alpha / rank`.
+    - `dropout`: PEFT's `lora_dropout`: the rate at which an adapter's inputs are zeroed (and
+      the rest scaled by `1 / (1 - dropout)`) while `dropout_key` is set.
+    - `dropout_key`: one PRNG key per layer, set only for the training objective
+      (`Decoder.with_dropout`); `None`: no dropout (old and reference log-probs, sampling).
     """
 
     q_proj: LoraPair | None
@@ -80,10 +84,14 @@ class LoraAdapters(eqx.Module):
     down_proj: LoraPair | None
     rank: int = eqx.field(static=True)
     alpha: float = eqx.field(static=True)
+    dropout: float = eqx.field(static=True, default=0.0)
+    dropout_key: Key[Array, "*layers"] | None = None
 
     def __check_init__(self):
         if self.rank <= 0:
             raise ValueError(f"model.lora.rank must be >= 1, got {self.rank}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.lora.dropout must be in [0, 1), got {self.dropout}")
 
     @property
     def scale(self) -> float:
@@ -102,6 +110,7 @@ class LoraAdapters(eqx.Module):
         alpha: "float | int",
         targets: tuple[str, ...],
         *,
+        dropout: float = 0.0,
         key: PRNGKeyArray,
         dtype=jnp.float32,
     ) -> "LoraAdapters":
@@ -114,6 +123,7 @@ class LoraAdapters(eqx.Module):
         - `rank`: `r` (≥ 1).
         - `alpha`: the scale's numerator.
         - `targets`: the projections to adapt (`resolve_targets`).
+        - `dropout`: the dropout rate of the adapters' inputs in training.
         - `key`: PRNG key.
         - `dtype`: parameter dtype.
 
@@ -134,12 +144,18 @@ class LoraAdapters(eqx.Module):
             a = jax.random.uniform(keys[name], (rank, fan_in), jnp.float32, -bound, bound)
             return LoraPair(a=a.astype(dtype), b=jnp.zeros((fan_out, rank), dtype))
 
-        return LoraAdapters(**{name: pair(name) for name in TARGETS}, rank=rank, alpha=float(alpha))
+        return LoraAdapters(
+            **{name: pair(name) for name in TARGETS},
+            rank=rank,
+            alpha=float(alpha),
+            dropout=float(dropout),
+        )
 
     def delta(
         self, name: str, x: Float[Array, "*batch fan_in"]
     ) -> Float[Array, "*batch fan_out"] | None:
-        """`s · (x Aᵀ) Bᵀ` of projection `name` in `x`'s dtype (`None` where it has no adapter).
+        """`s · (dropout(x) Aᵀ) Bᵀ` of projection `name` in `x`'s dtype (`None` where it has no
+        adapter).
 
         **Arguments:**
 
@@ -153,6 +169,10 @@ class LoraAdapters(eqx.Module):
         pair = getattr(self, name)
         if pair is None:
             return None
+        if self.dropout_key is not None and self.dropout > 0:
+            key = jax.random.fold_in(self.dropout_key, TARGETS.index(name))
+            kept = jax.random.bernoulli(key, 1.0 - self.dropout, x.shape)
+            x = jnp.where(kept, x / jnp.asarray(1.0 - self.dropout, x.dtype), jnp.zeros_like(x))
         down = jnp.einsum("...i,ri->...r", x, pair.a.astype(x.dtype))
         up = jnp.einsum("...r,or->...o", down, pair.b.astype(x.dtype))
         return up * jnp.asarray(self.scale, x.dtype)

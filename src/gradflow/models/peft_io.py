@@ -70,6 +70,7 @@ def lora_policy(
     rank: int,
     alpha: "float | int",
     targets: "str | list[str]",
+    dropout: float = 0.0,
     adapter: "str | Path | None" = None,
     key: PRNGKeyArray,
 ) -> Decoder:
@@ -79,7 +80,8 @@ def lora_policy(
     **Arguments:**
 
     - `model`: the base model (without adapters).
-    - `rank`, `alpha`, `targets`: `[model.lora]`.
+    - `rank`, `alpha`, `targets`, `dropout`: `[model.lora]` (the dropout is a training setting:
+      an adapter's own `lora_dropout` is not read).
     - `adapter`: a PEFT adapter directory to start from (`None`: fresh adapters).
     - `key`: PRNG key of fresh adapters.
 
@@ -91,8 +93,8 @@ def lora_policy(
         raise ValueError(f"model.lora.rank must be >= 1, got {rank}")
     names = resolve_targets(targets)
     if adapter is None:
-        return model.with_lora(rank, alpha, names, key=key)
-    loaded = load_peft(model, adapter)
+        return model.with_lora(rank, alpha, names, dropout=dropout, key=key)
+    loaded = load_peft(model, adapter, dropout=dropout)
     found = {"rank": loaded.lora.rank, "alpha": loaded.lora.alpha, "targets": loaded.lora.targets}
     wanted = {"rank": rank, "alpha": float(alpha), "targets": names}
     for field, value in wanted.items():
@@ -105,13 +107,14 @@ def lora_policy(
     return loaded
 
 
-def load_peft(model: Decoder, path: "str | Path") -> Decoder:
+def load_peft(model: Decoder, path: "str | Path", *, dropout: float = 0.0) -> Decoder:
     """Reads a PEFT LoRA adapter directory onto `model`.
 
     **Arguments:**
 
     - `model`: the base model the adapter was trained on (without adapters).
     - `path`: the directory (`adapter_config.json` + `adapter_model.safetensors`).
+    - `dropout`: the dropout rate to train the adapters with.
 
     **Returns:**
 
@@ -174,7 +177,9 @@ def load_peft(model: Decoder, path: "str | Path") -> Decoder:
             stacked[matrix] = jnp.asarray(np.stack(layers), dtype)
         return LoraPair(a=stacked["A"], b=stacked["B"])
 
-    adapters = LoraAdapters(**{t: pair(t) for t in TARGETS}, rank=rank, alpha=alpha)
+    adapters = LoraAdapters(
+        **{t: pair(t) for t in TARGETS}, rank=rank, alpha=alpha, dropout=dropout
+    )
     return model.replace_adapters(adapters)
 
 
@@ -209,7 +214,7 @@ def save_peft(model: Decoder, path: "str | Path", *, base_model: str = "") -> No
         "base_model_name_or_path": base_model,
         "r": lora.rank,
         "lora_alpha": lora.alpha,
-        "lora_dropout": 0.0,
+        "lora_dropout": lora.dropout,
         "target_modules": list(lora.targets),
         "bias": "none",
         "fan_in_fan_out": False,
