@@ -13,6 +13,7 @@ assignment is not a GPU's, so the peak is an estimate; the state bytes are exact
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -73,14 +74,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _bytes(tree) -> int:
-    leaves = jax.tree.leaves(tree)
+    leaves = [
+        x for x in jax.tree.leaves(tree) if not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+    ]
     return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in leaves)
 
 
 def _policy(config: ModelConfig, args, lora: bool) -> Decoder:
     def build():
         model = Decoder.init(config, key=jax.random.key(0), dtype=jnp.dtype(args.dtype))
-        model = eqx.tree_at(lambda m: m.remat, model, args.remat)
+        model = dataclasses.replace(model, remat=args.remat)
         if lora:
             model = model.with_lora(args.rank, 2 * args.rank, key=jax.random.key(1))
         return model
@@ -106,7 +109,7 @@ def measure(name: str, config: ModelConfig, args, lora: bool) -> dict:
     )
     policy = _policy(config, args, lora)
     state = eqx.filter_eval_shape(init_state, algorithm, policy, key=jax.random.key(0))
-    params = _bytes(eqx.filter(state.policy, eqx.is_array_like))
+    params = _bytes(state.policy)
     adapters = _bytes(state.policy.lora) if lora else 0
     optimizer = _bytes(state.policy_opt)
     reference = _bytes(state.reference) if state.reference is not None else 0

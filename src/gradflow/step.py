@@ -145,7 +145,11 @@ def _update(
 
     packing = _packing(algorithm, mesh)
 
-    # Gradients only of what is trained (with LoRA: the adapters; the base stays frozen).
+    # Gradients, optimizer updates and the scans' carry hold only what is trained (with LoRA: the
+    # adapters); the frozen base is read from the state, never copied through the loops.
+    models = (state.policy, state.critic)
+    trained, frozen = eqx.partition(models, trainable(models))
+
     def objective(trained, frozen, micro_batch, denominator, dropout_key):
         policy, critic = eqx.combine(trained, frozen)
         return _objective(
@@ -156,8 +160,8 @@ def _update(
 
     def minibatch_step(carry, inputs):
         minibatch, minibatch_key = inputs
-        policy, policy_opt, critic, critic_opt = carry
-        trained, frozen = eqx.partition((policy, critic), trainable((policy, critic)))
+        params, policy_opt, c_params, critic_opt = carry
+        trained = (params, c_params)
         denominator = loss.denominator(minibatch)
         micro_batches = _split(minibatch, micro, mesh)
 
@@ -180,7 +184,6 @@ def _update(
         grads = constrain_state(grads, mesh)
         g_policy, g_critic = grads
         skipped = _nonfinite(g_policy) | (_nonfinite(g_critic) if train_critic else False)
-        params = trained[0]
         # optax's bias correction raises a Python float to an int32 count, which strict dtype
         # promotion (used in tests) rejects; the result is the same under standard promotion.
         with jax.numpy_dtype_promotion("standard"):
@@ -189,19 +192,16 @@ def _update(
         params, policy_opt = keep(
             (eqx.apply_updates(params, updates), new_opt), (params, policy_opt)
         )
-        policy = eqx.combine(params, frozen[0])
         metrics = {"loss": loss_metrics, "grad_norm": optax.tree.norm(g_policy)}
         if train_critic:
-            c_params = trained[1]
             with jax.numpy_dtype_promotion("standard"):
                 c_updates, new_copt = critic_tx.update(g_critic, critic_opt, c_params)
             c_params, critic_opt = keep(
                 (eqx.apply_updates(c_params, c_updates), new_copt), (c_params, critic_opt)
             )
-            critic = eqx.combine(c_params, frozen[1])
             metrics["critic_grad_norm"] = optax.tree.norm(g_critic)
         metrics["skipped"] = skipped.astype(jnp.float32)
-        return (policy, policy_opt, critic, critic_opt), metrics
+        return (params, policy_opt, c_params, critic_opt), metrics
 
     def epoch(carry, epoch_key):
         shuffled = batch
@@ -214,9 +214,10 @@ def _update(
             minibatch_step, carry, (_split(shuffled, minibatches, mesh), dropout_keys)
         )
 
-    carry = (state.policy, state.policy_opt, state.critic, state.critic_opt)
+    carry = (trained[0], state.policy_opt, trained[1], state.critic_opt)
     carry, per_update = jax.lax.scan(epoch, carry, jax.random.split(key, epochs))
-    policy, policy_opt, critic, critic_opt = carry
+    params, policy_opt, c_params, critic_opt = carry
+    policy, critic = eqx.combine((params, c_params), frozen)
     updates_done = epochs * minibatches
     metrics = {name: metric.reduce() for name, metric in per_update.pop("loss").items()}
     metrics["update/skipped"] = jnp.sum(per_update.pop("skipped"))
