@@ -326,7 +326,9 @@ def test_lora_step_on_a_mesh_matches_one_device():
     for a, b in zip(
         jax.tree.leaves(single.policy.lora), jax.tree.leaves(sharded.policy.lora), strict=True
     ):
-        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5)
+        # Adam's first steps are ±learning rate (1e-2); a gradient near Adam's eps moves by
+        # ~1e-5 when the mesh packs and sums in another order.
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-4)
 
 
 def _run_config(tmp_path, *extra):
