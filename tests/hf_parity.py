@@ -24,6 +24,27 @@ torch.set_num_threads(2)
 PROMPT_LENGTHS = (7, 3, 5, 1)  # a left-padded batch of different prompt lengths
 PROMPT_WIDTH = max(PROMPT_LENGTHS)
 NEW_TOKENS = 8
+TINY = dict(
+    vocab_size=64,
+    num_hidden_layers=2,
+    initializer_range=0.3,
+    max_position_embeddings=128,
+    attn_implementation="eager",
+)
+"""What every tiny test checkpoint shares: a 64-token vocabulary, two layers, eager attention."""
+QWEN3_TIED = (
+    transformers.Qwen3ForCausalLM,
+    transformers.Qwen3Config(
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        tie_word_embeddings=True,
+        **TINY,
+    ),
+)
+"""Qwen3 with GQA ratio 2, a tied head and an explicit `head_dim` (hidden / heads is 8)."""
 
 
 @dataclasses.dataclass

@@ -27,6 +27,8 @@ import pytest
 import torch
 import transformers
 from hf_parity import (
+    QWEN3_TIED,
+    TINY,
     assert_logits_close,
     gf_logits,
     hf_logits,
@@ -56,13 +58,6 @@ from gradflow.train import load_policy, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = ROOT / "src" / "gradflow" / "assets" / "toy-arith"
-COMMON = dict(
-    vocab_size=64,
-    num_hidden_layers=2,
-    initializer_range=0.3,
-    max_position_embeddings=128,
-    attn_implementation="eager",
-)
 MODELS = {
     "qwen2": (
         transformers.Qwen2ForCausalLM,
@@ -72,21 +67,10 @@ MODELS = {
             num_attention_heads=4,
             num_key_value_heads=2,
             tie_word_embeddings=False,
-            **COMMON,
+            **TINY,
         ),
     ),
-    "qwen3": (
-        transformers.Qwen3ForCausalLM,
-        transformers.Qwen3Config(
-            hidden_size=32,
-            intermediate_size=64,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-            tie_word_embeddings=True,
-            **COMMON,
-        ),
-    ),
+    "qwen3": QWEN3_TIED,
 }
 TINY_RUN = (
     "train.steps=2",
@@ -221,14 +205,7 @@ def test_dropout_drops_adapter_inputs_in_the_objective_only(tmp_path):
     settings = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert settings["lora_dropout"] == 0.5
     # A step trains with it: the same step without dropout updates the adapters differently.
-    algorithm = algorithms.make(
-        "grpo",
-        reward=_reward(),
-        group_size=2,
-        max_new_tokens=6,
-        learning_rate=1e-2,
-        eos_token_ids=(1,),
-    )
+    algorithm = _algorithm("grpo")
     trained = []
     for rate in (0.3, 0.0):
         policy = init_from_config(SHAPE, key=jax.random.key(0))
@@ -261,6 +238,19 @@ def _reward():
     return HostReward(scorer=thirds, parts=("correct",), weights=(1.0,))
 
 
+def _algorithm(name: str, **overrides):
+    """A preset on `_reward`, with 2 completions of up to 6 tokens per prompt."""
+    return algorithms.make(
+        name,
+        reward=_reward(),
+        group_size=2,
+        max_new_tokens=6,
+        learning_rate=1e-2,
+        eos_token_ids=(1,),
+        **overrides,
+    )
+
+
 def _prompts():
     rng = np.random.default_rng(0)
     return Prompts(
@@ -276,10 +266,8 @@ def _policy():
 
 @pytest.mark.parametrize("name", algorithms.NAMES)
 def test_a_step_trains_only_the_adapters(name):
-    overrides = dict(group_size=2, max_new_tokens=6, learning_rate=1e-2, eos_token_ids=(1,))
-    if "kl_coef" in algorithms.hyperparameters(name):
-        overrides["kl_coef"] = 0.1
-    algorithm = algorithms.make(name, reward=_reward(), **overrides)
+    kl = {"kl_coef": 0.1} if "kl_coef" in algorithms.hyperparameters(name) else {}
+    algorithm = _algorithm(name, **kl)
     base = jax.tree.map(np.asarray, eqx.filter(_policy().adapters_off(), eqx.is_array))
     state = init_state(algorithm, _policy(), key=jax.random.key(1))
     # Only the adapters have optimizer state; the reference is the base itself.
@@ -300,16 +288,7 @@ def test_a_step_trains_only_the_adapters(name):
 
 
 def test_lora_step_on_a_mesh_matches_one_device():
-    algorithm = algorithms.make(
-        "grpo",
-        reward=_reward(),
-        group_size=2,
-        max_new_tokens=6,
-        learning_rate=1e-2,
-        eos_token_ids=(1,),
-        kl_coef=0.1,
-        minibatches=2,
-    )
+    algorithm = _algorithm("grpo", kl_coef=0.1, minibatches=2)
     results = []
     for sizes in ((1, 1, 1), (2, 2, 2)):
         mesh = make_mesh(MeshConfig(*sizes), jax.devices()[: int(np.prod(sizes))])
@@ -387,14 +366,7 @@ def test_lora_on_random_weights_trains():
     )
     policy = load_policy(config)
     assert isinstance(policy.lora, LoraAdapters) and policy.lora.rank == config.model.lora.rank
-    algorithm = algorithms.make(
-        "grpo",
-        reward=_reward(),
-        group_size=2,
-        max_new_tokens=6,
-        learning_rate=1e-2,
-        eos_token_ids=(1,),
-    )
+    algorithm = _algorithm("grpo")
     state, _ = step(
         algorithm,
         init_state(algorithm, policy, key=jax.random.key(1)),

@@ -24,6 +24,8 @@ import pytest
 import transformers
 from hf_parity import (
     PROMPT_LENGTHS,
+    QWEN3_TIED,
+    TINY,
     Checkpoint,
     check_greedy_matches_hf,
     check_logits_match_hf,
@@ -35,26 +37,8 @@ from hf_parity import (
 
 from gradflow.models import Decoder, ModelConfig
 
-COMMON = dict(
-    vocab_size=64,
-    num_hidden_layers=2,
-    initializer_range=0.3,
-    max_position_embeddings=128,
-    attn_implementation="eager",
-)
 CHECKPOINTS = {
-    "qwen3_tied": (
-        transformers.Qwen3ForCausalLM,
-        transformers.Qwen3Config(
-            hidden_size=32,
-            intermediate_size=64,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-            tie_word_embeddings=True,
-            **COMMON,
-        ),
-    ),
+    "qwen3_tied": QWEN3_TIED,
     "qwen3_sliding": (
         transformers.Qwen3ForCausalLM,
         transformers.Qwen3Config(
@@ -67,7 +51,7 @@ CHECKPOINTS = {
             use_sliding_window=True,
             sliding_window=4,
             max_window_layers=1,
-            **COMMON,
+            **TINY,
         ),
     ),
     "mistral": (
@@ -79,7 +63,7 @@ CHECKPOINTS = {
             num_key_value_heads=1,
             sliding_window=4,
             tie_word_embeddings=False,
-            **COMMON,
+            **TINY,
         ),
     ),
     "gemma3_capped": (
@@ -99,7 +83,7 @@ CHECKPOINTS = {
             },
             final_logit_softcapping=8.0,
             tie_word_embeddings=True,
-            **COMMON,
+            **TINY,
         ),
     ),
     "gemma3_untied": (
@@ -117,7 +101,7 @@ CHECKPOINTS = {
                 "sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
             },
             tie_word_embeddings=False,
-            **COMMON,
+            **TINY,
         ),
     ),
 }

@@ -179,7 +179,6 @@ def test_format_rewards():
     assert gsm8k_strict(None, ["#### 3"], answer=["no number"]) == [None]
 
 
-
 def _trl_call(function, inputs: list[dict], completions: list, completion_ids: list):
     """How TRL 1.x's `GRPOTrainer._calculate_rewards` calls a reward function: keywords, every
     column except the prompt and the completion, and the trainer state."""
