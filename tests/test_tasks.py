@@ -406,3 +406,32 @@ def test_bad_reward_functions(root, tmp_path):
     assert "needs at least one [[reward]]" in _error(raw)
     raw = _raw(root, correct_weight=2.0)
     assert "task.correct_weight configures the built-in rewards" in _error(raw)
+
+
+def test_reward_workers_run_only_while_the_trainer_runs(root, tmp_path):
+    from gradflow.config import load_config
+    from gradflow.train import Trainer
+
+    config = tiny_config(
+        root,
+        tmp_path / "run",
+        "workers",
+        task={
+            "name": "dataset",
+            "train": str(root / "train.jsonl"),
+            "test": str(root / "train.jsonl"),
+            "answer_key": "solution",
+            "prompt_template": "plain",
+            "reward_workers": 1,
+        },
+        train={"steps": 1, "prompts_per_step": 2},
+        checkpoint={"every": 0},
+    )
+    with open(config, "a") as handle:
+        handle.write(f'[[reward]]\nfunction = "{root}/rewards.py:exact"\n')
+    (tmp_path / "run").mkdir()
+    trainer = Trainer(load_config(config), tmp_path / "run")
+    scorer = trainer.task.scorer
+    assert scorer.workers == 1 and scorer._pool is None  # built, not run: no worker processes
+    trainer.run()
+    assert scorer._pool is None and scorer._starting is None  # stopped when the run ended
