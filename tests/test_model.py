@@ -12,6 +12,7 @@ Weights use `initializer_range` 0.3 and random norms/biases so logits are far fr
 every tensor matters. Few distinct shapes are used to keep the number of compilations small.
 """
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -126,6 +127,24 @@ def prompts() -> tuple[np.ndarray, np.ndarray]:
 @pytest.mark.parametrize("name", NAMES)
 def test_logits_match_hf(checkpoints, prompts, name):
     check_logits_match_hf(checkpoints[name], *prompts)
+
+
+def test_unrolled_layers_match_hf_and_the_scanned_gradient(checkpoints, prompts):
+    """`scan_layers = False` (the layers of the full forward pass unrolled) gives HF's logits
+    and the gradient of the scanned layers."""
+    ckpt = checkpoints[NAMES[0]]
+    unrolled = dataclasses.replace(ckpt.model, scan_layers=False)
+    check_logits_match_hf(dataclasses.replace(ckpt, model=unrolled), *prompts)
+    ids, mask = (jnp.asarray(x) for x in prompts)
+
+    def loss(model):
+        return jnp.sum(jnp.where(mask == 1, jax.nn.log_softmax(model(ids, mask))[..., 3], 0.0))
+
+    scanned_grad = jax.grad(loss)(ckpt.model)
+    unrolled_grad = jax.grad(loss)(unrolled)
+    for a, b in zip(jax.tree.leaves(scanned_grad), jax.tree.leaves(unrolled_grad), strict=True):
+        scale = float(np.abs(np.asarray(a)).max())
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=1e-5 * scale)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -56,6 +56,7 @@ class ModelConfig:
     dtype: str = "float32"
     compute_dtype: str = ""
     remat: str = "none"
+    scan_layers: bool = True
     lora: LoraConfig | None = None
 
 

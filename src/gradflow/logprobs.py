@@ -59,12 +59,13 @@ def completion_logprobs(
 
 def _present_logprobs(model, hidden, targets, present, chunk, temperature):
     """`head_logprobs` over the present positions only: they are moved to the front, the head
-    runs over `chunk` of them at a time, and the chunks past the last present one are skipped
-    (`lax.cond`); the other positions get 0."""
+    runs over `batch × chunk` of them at a time (as many as one padded chunk: the same logits
+    in memory, and the head's weight read once per call for as many positions), and the chunks
+    past the last present one are skipped (`lax.cond`); the other positions get 0."""
     b, n, d = hidden.shape
     order = jnp.argsort(~present.reshape(-1), stable=True)
     count = jnp.sum(present, dtype=jnp.int32)
-    chunk = min(chunk, b * n)
+    chunk = min(chunk * b, b * n)
     pad = -(b * n) % chunk
     h = jnp.pad(hidden.reshape(b * n, d)[order], ((0, pad), (0, 0)))
     t = jnp.pad(targets.reshape(-1)[order], (0, pad))

@@ -125,7 +125,12 @@ def load_policy(config: Config):
             adapter=resolve_path(mc.lora.adapter) if mc.lora.adapter else None,
             key=jax.random.fold_in(jax.random.key(config.run.seed), 1),
         )
-    return dataclasses.replace(policy, compute_dtype=jnp.dtype(compute).name, remat=mc.remat)
+    return dataclasses.replace(
+        policy,
+        compute_dtype=jnp.dtype(compute).name,
+        remat=mc.remat,
+        scan_layers=mc.scan_layers,
+    )
 
 
 def _check_shapes(config: Config, task: Task, policy, max_new_tokens: int) -> None:
