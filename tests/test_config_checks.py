@@ -75,3 +75,10 @@ def test_training_logprobs_follow_the_sampling_temperature():
     np.testing.assert_allclose(np.asarray(logp), expected, atol=1e-4)
     untempered, _ = completion_logprobs(model, ids, mask, prompt_len)
     assert np.abs(np.asarray(untempered) - expected).max() > 1e-2
+
+
+def test_model_scan_layers_reaches_the_policy():
+    from gradflow.train import load_policy
+
+    assert load_policy(load_config("configs/grpo.toml")).scan_layers is False
+    assert load_policy(load_config("configs/grpo.toml", ["model.scan_layers=true"])).scan_layers

@@ -137,6 +137,17 @@ def test_unrolled_layers_match_hf_and_the_scanned_gradient(checkpoints, prompts)
     check_logits_match_hf(dataclasses.replace(ckpt, model=unrolled), *prompts)
     ids, mask = (jnp.asarray(x) for x in prompts)
 
+    # Unrolled means no loop over the layers is left in the program (the scanned one has one).
+    def loops(model):
+        return (
+            eqx.filter_jit(type(model).hidden_states)
+            .lower(model, ids, mask)
+            .as_text()
+            .count("while")
+        )
+
+    assert loops(ckpt.model) > 0 and loops(unrolled) == 0
+
     def loss(model):
         return jnp.sum(jnp.where(mask == 1, jax.nn.log_softmax(model(ids, mask))[..., 3], 0.0))
 
