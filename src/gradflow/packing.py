@@ -136,8 +136,10 @@ def packed_hidden(forward, packed: Packed) -> Float[Array, "batch new hidden"]:
 
     **Arguments:**
 
-    - `forward`: `(ids, segment_ids) -> hidden states`, `[rows, tokens]` to
-      `[rows, tokens, hidden]` (`Decoder.hidden_states` with segment ids).
+    - `forward`: `(ids, segment_ids, block) -> hidden states`, `[rows, tokens]` to
+      `[rows, tokens, hidden]` (`Decoder.hidden_states` with segment ids); `block` is the index
+      of the block of rows (a model with LoRA dropout folds it into its keys, so that each block
+      draws its own masks, as each row of a padded batch does).
     - `packed`: the packed micro-batch.
 
     **Returns:**
@@ -152,17 +154,19 @@ def packed_hidden(forward, packed: Packed) -> Float[Array, "batch new hidden"]:
         return x.reshape(per // block, shards * block, tokens)
 
     ids, segments = blocks(packed.ids), blocks(packed.segments)
-    shape = jax.eval_shape(forward, ids[0], segments[0])
+    indices = jnp.arange(per // block, dtype=jnp.int32)
+    shape = jax.eval_shape(forward, ids[0], segments[0], indices[0])
 
-    def empty(ids, segments):
+    def empty(ids, segments, index):
         return jnp.zeros(shape.shape, shape.dtype)
 
     def row(carry, xs):
-        row_ids, row_segments = xs
-        hidden = jax.lax.cond(jnp.any(row_segments > 0), forward, empty, row_ids, row_segments)
+        row_ids, row_segments, index = xs
+        present = jnp.any(row_segments > 0)
+        hidden = jax.lax.cond(present, forward, empty, row_ids, row_segments, index)
         return carry, hidden
 
-    _, hidden = jax.lax.scan(row, None, (ids, segments))
+    _, hidden = jax.lax.scan(row, None, (ids, segments, indices))
     hidden = hidden.reshape(per // block, shards, block, tokens, -1).swapaxes(0, 1)
     flat = hidden.reshape(shards, per * tokens, -1)
     # A completion token is never the first of its segment (its prompt has a token), so the
