@@ -49,7 +49,9 @@ def completion_logprobs(
     if packing is not None:
         packed = pack(input_ids, attention_mask, prompt_len, packing)
         hidden = packed_hidden(
-            lambda ids, segments: model.hidden_states(ids, segments > 0, segment_ids=segments),
+            lambda ids, segments, prefixes, positions: model.hidden_states(
+                ids, segments > 0, segment_ids=segments, prefix_ids=prefixes, positions=positions
+            ),
             packed,
         )
         return _present_logprobs(model, hidden, targets, packed.present, chunk, temperature)
