@@ -10,8 +10,11 @@ with learning rate 1, so each side's parameter change is its gradient: the run p
 largest difference to the padded one relative to the largest gradient entry. The token count
 of each layout is the positions its forward pass holds real tokens in (padded: every slot).
 
-    python benchmarks/update.py --prompt-len 150 --new-tokens 96 --group 4 --prompts 16 \
-        --min-fraction 0.1      # a real GRPO shape: prompts are most of the tokens
+    python benchmarks/update.py --config benchmarks/qwen2_small.config.json --prompt-len 150 \\
+        --new-tokens 96 --group 4 --prompts 8 --micro-batches 1   # prompts: most of the tokens
+
+Packed rows hold `--pack-tokens` slots; rows with shared prompts `--shared-pack-tokens`, by
+default `prompt_len + group × new_tokens`, so that every group fits a row and shares its prompt.
 
     python benchmarks/update.py                 # the CPU comparison of BENCHMARKS.md
     python benchmarks/update.py --config src/gradflow/assets/qwen2/qwen2-1.5b-instruct.config.json \\
@@ -104,6 +107,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--min-fraction", type=float, default=0.1)
     parser.add_argument("--micro-batches", type=int, default=2)
     parser.add_argument("--pack-tokens", type=int, help="slots per packed row (default derived)")
+    parser.add_argument(
+        "--shared-pack-tokens",
+        type=int,
+        help="slots per row with shared prompts (default: prompt_len + group × new_tokens, a "
+        "row every group fits)",
+    )
     parser.add_argument("--logprob-chunk", type=int, default=32)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--compute-dtype", choices=("float32", "bfloat16"))
@@ -168,6 +177,13 @@ LAYOUTS = {
 }
 
 
+def row_tokens(args, layout: str) -> int | None:
+    """The slots per packed row of `layout`."""
+    if layout != "shared prompts":
+        return args.pack_tokens
+    return args.shared_pack_tokens or args.prompt_len + args.group * args.new_tokens
+
+
 def tokens_per_update(args, prompts, completions, layout: str) -> int:
     """The positions of one update's forward pass (over all its micro-batches) that hold a real
     token: every slot padded; the packed tokens otherwise."""
@@ -175,7 +191,7 @@ def tokens_per_update(args, prompts, completions, layout: str) -> int:
     mask = jnp.concatenate([jnp.repeat(prompts.mask, args.group, 0), completions.mask], 1)
     if layout == "padded":
         return int(ids.size)
-    packing = Packing(tokens=args.pack_tokens, share_prompts=layout == "shared prompts")
+    packing = Packing(tokens=row_tokens(args, layout), share_prompts=layout == "shared prompts")
     count = 0
     for part_ids, part_mask in zip(
         jnp.split(ids, args.micro_batches), jnp.split(mask, args.micro_batches), strict=True
@@ -194,7 +210,7 @@ def run(args, policy, prompts, completions, layout: str) -> dict:
         max_new_tokens=args.new_tokens,
         micro_batches=args.micro_batches,
         logprob_chunk=args.logprob_chunk,
-        pack_tokens=args.pack_tokens,
+        pack_tokens=row_tokens(args, layout),
         **LAYOUTS[layout],
     )
     algorithm = eqx.tree_at(
