@@ -155,10 +155,11 @@ def pack(
         prompt_mask, completion_mask = mask[:, :prompt_len], mask[:, prompt_len:]
         prompt_lengths = jnp.sum(prompt_mask, axis=1, dtype=jnp.int32)
         lengths = jnp.sum(completion_mask, axis=1, dtype=jnp.int32)
-        unit, unit_length = _units(
-            ids[:, :prompt_len], prompt_mask, prompt_lengths, lengths, tokens
-        )
-        if not packing.share_prompts:
+        if packing.share_prompts:
+            unit, unit_length = _units(
+                ids[:, :prompt_len], prompt_mask, prompt_lengths, lengths, tokens
+            )
+        else:
             unit, unit_length = jnp.arange(per), prompt_lengths + lengths
         rows, starts = _first_fit(unit_length, tokens)
         index = jnp.arange(per)
