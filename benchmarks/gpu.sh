@@ -57,12 +57,14 @@ args+=(--dtype bfloat16 --repeats 3 --threads 0)
 plain_args=("${args[@]}")
 # --parts: also prefill, one decode step and one sampling step alone, with achieved bandwidth.
 args+=(--parts)
+# --lora 32: also the policy with rank-32 adapters on every projection, decoded as trained (the
+# adapters a separate term; the plain row is what merged adapters cost).
 if [[ " $PARTS " == *" rollout "* ]]; then
   if [[ -n "${OUT:-}" ]]; then
     mkdir -p "$OUT"
-    "$PYTHON" benchmarks/rollout.py "${args[@]}" --out "$OUT" --trace "$OUT/trace"
+    "$PYTHON" benchmarks/rollout.py "${args[@]}" --lora 32 --out "$OUT" --trace "$OUT/trace"
   else
-    "$PYTHON" benchmarks/rollout.py "${args[@]}"
+    "$PYTHON" benchmarks/rollout.py "${args[@]}" --lora 32
   fi
 fi
 

@@ -87,6 +87,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="with --parts: also write a profiler trace of 3 decode + sampling steps and their "
         "compiled HLO to this folder",
     )
+    parser.add_argument(
+        "--lora",
+        type=int,
+        default=0,
+        help="also time gradflow decoding a policy with LoRA adapters of this rank on every "
+        "projection (applied as a separate term, as trained); the plain row is what merged "
+        "adapters cost",
+    )
     parser.add_argument("--out", type=Path, help="also write the table (and JSON) to this folder")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
@@ -416,7 +424,7 @@ def table(results: dict, args, config: ModelConfig, tokens: int) -> str:
     if "hf" in rates:
         rows.append(f"\ngradflow / HF: {rates['gradflow'] / rates['hf']:.2f}x")
     for name in rates:
-        if name.startswith("gradflow, per-row"):
+        if name.startswith(("gradflow, per-row", "gradflow, LoRA")):
             rows.append(f"gradflow / {name}: {rates['gradflow'] / rates[name]:.2f}x")
     if args.roofline:
         rows.append(
@@ -447,6 +455,11 @@ def main(argv=None) -> int:
         dense = dataclasses.replace(model, attention_impl="xla")
         runners["gradflow, per-row prefill, dense attention"] = gradflow_runner(
             dense, repeated, args, 1
+        )
+    if args.lora:
+        policy = model.with_lora(args.lora, 2 * args.lora, key=jax.random.key(args.seed + 1))
+        runners[f"gradflow, LoRA r={args.lora}"] = gradflow_runner(
+            policy, prompt_ids, args, args.group
         )
     if hf_model is not None:
         runners["hf"] = hf_runner(hf_model, prompt_ids, args, torch, device)

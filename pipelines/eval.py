@@ -5,7 +5,9 @@
 A config evaluates its `model.path` (e.g. the base model before any training); a run directory
 evaluates its exported policy (`RUN/hf`) with the run's resolved config. Prints strict and
 flexible greedy accuracy, pass@k and maj@k (with `--samples K > 1`), and writes every completion
-to a JSONL file.
+to a JSONL file beside the run, whose path it prints: `RUN/eval/SPLIT_hf.jsonl` for a run
+directory, `OUTPUT_DIR/eval/SPLIT_CONFIG.jsonl` for a config (its `run.output_dir`, default
+`runs/CONFIG`), or `--output`.
 """
 
 import argparse
@@ -16,6 +18,26 @@ import sys
 from pathlib import Path
 
 import jax
+
+
+def completions_path(target: Path, config, split: str) -> Path:
+    """Where the completions go unless `--output` says: beside the run.
+
+    **Arguments:**
+
+    - `target`: the run directory or config file evaluated.
+    - `config`: its resolved `gradflow.config.Config`.
+    - `split`: `test` or `train`.
+
+    **Returns:**
+
+    `RUN/eval/SPLIT_hf.jsonl` for a run directory; for a config
+    `run.output_dir/eval/SPLIT_CONFIG.jsonl`, `run.output_dir` defaulting to `runs/CONFIG`.
+    """
+    if target.is_dir():
+        return target / "eval" / f"{split}_hf.jsonl"
+    directory = Path(config.run.output_dir or Path("runs") / target.stem)
+    return directory / "eval" / f"{split}_{target.stem}.jsonl"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", choices=("test", "train"), default="test")
     parser.add_argument("--samples", type=int, default=0, help="k for pass@k / maj@k")
     parser.add_argument("--size", type=int, default=0, help="problems to evaluate (0: eval.size)")
-    parser.add_argument("--output", default="", help="completions JSONL (default: next to target)")
+    parser.add_argument(
+        "--output",
+        default="",
+        help="completions JSONL (default: RUN/eval/SPLIT_hf.jsonl for a run directory, "
+        "run.output_dir/eval/SPLIT_CONFIG.jsonl for a config, run.output_dir defaulting to "
+        "runs/CONFIG)",
+    )
     args = parser.parse_intermixed_args(argv)  # overrides before or after options
 
     from gradflow.config import ConfigError, load_config
@@ -90,14 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {error}", file=sys.stderr)
         return 2
-    output = (
-        Path(args.output)
-        if args.output
-        else (
-            (run_dir or Path("."))
-            / f"eval_{args.split}_{target.stem if run_dir is None else 'hf'}.jsonl"
-        )
-    )
+    output = Path(args.output) if args.output else completions_path(target, config, args.split)
+    output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text("".join(json.dumps(r) + "\n" for r in records))
     for name, value in metrics.items():
         print(f"{name:28s} {value:.4f}")

@@ -8,7 +8,12 @@ Runtime shape checks (jaxtyping + beartype) on `gradflow` are switched on by
 import gc
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Appended, so that a user's XLA_FLAGS (e.g. `--xla_cpu_max_isa=AVX2`, README "Tests") keep the
+# 8 fake devices.
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

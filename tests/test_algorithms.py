@@ -774,13 +774,16 @@ def test_grpo_gradient_with_kl_in_the_loss():
 @pytest.mark.parametrize("highest", [1.0, 1.5])
 def test_top_k_top_p_samples_are_weighed_by_the_kept_mass(highest):
     """Tokens drawn from a truncated distribution μ (top-k/top-p) enter the policy loss weighed
-    by π_old(y)/μ(y): here each token's sampling log-prob is set to its policy log-prob minus
-    log(kept mass), and the gradient must be that of `-mean(min(kept, 1) * A * logp)` (a kept
-    mass above 1, from sampler-trainer differences, is capped at 1)."""
+    by the kept mass Z = π_sampler(y)/μ(y) (the mismatch ρ = π_old/π_sampler is the
+    `rollout_correction`'s, counted once there): here the sampler's log-prob is the policy's and
+    its sampling log-prob that minus log(kept mass), and the gradient must be that of
+    `-mean(min(kept, 1) * A * logp)` (a kept mass above 1 is capped at 1)."""
     kept = np.random.RandomState(11).uniform(0.3, highest, (B, T))
     sampling_logp = logprobs_of(MODEL) - np.log(kept)
     completions = dataclasses.replace(
-        COMPLETIONS, sampling_logprobs=jnp.asarray(sampling_logp, jnp.float32)
+        COMPLETIONS,
+        logprobs=jnp.asarray(logprobs_of(MODEL), jnp.float32),
+        sampling_logprobs=jnp.asarray(sampling_logp, jnp.float32),
     )
     algorithm = make("grpo", reward=REWARD, eos_token_ids=(EOS,), group_size=G, max_new_tokens=T)
     algorithm = prepared(algorithm, completions)

@@ -98,7 +98,35 @@ def test_prompt_longer_than_the_context(capsys, config):
     overrides = {**MODEL_OVERRIDES, "max_position_embeddings": 12}
     inline = ", ".join(f"{k} = {json.dumps(v)}" for k, v in overrides.items())
     message = _fails(capsys, config, f"model.overrides={{ {inline} }}")
+    assert "prompt (11 tokens) + algorithm.max_new_tokens (6) = 17 tokens" in message
     assert "exceeds the model's context of 12" in message
+
+
+def test_trajectory_longer_than_the_context_names_the_keys_that_add_up(capsys, tmp_path):
+    """A multi-turn trajectory's budget is the user's [environment] keys, not a
+    max_new_tokens they never wrote."""
+    overrides = [
+        f"run.output_dir={tmp_path / 'run'}",
+        "environment.max_turn_tokens=40",
+        "environment.max_observation_tokens=32",
+    ]
+    message = _fails(capsys, ROOT / "configs/examples/multi_turn.toml", *overrides)
+    assert (
+        "prompt (11 tokens) + environment.max_turns × (environment.max_turn_tokens + "
+        "environment.max_observation_tokens) = 11 + 2 × (40 + 32) = 155 tokens exceeds the "
+        "model's context of 128"
+    ) in message
+    assert "max_new_tokens" not in message
+
+
+def test_keys_that_are_spelt_otherwise_say_what_to_write(capsys, config):
+    message = _fails(capsys, config, "model.overrides={ num_hiden_layers = 2 }")
+    assert "model.overrides: 'num_hiden_layers' (did you mean 'num_hidden_layers'?)" in message
+    assert "num_layers (num_hidden_layers)" in message
+    message = _fails(capsys, config, "environment.class=examples/envs/retry.py:Retry")
+    assert (
+        "remove algorithm.max_new_tokens (6) and write environment.max_turn_tokens = 6" in message
+    )
 
 
 def test_mesh_that_does_not_fit_the_devices_or_the_batch(capsys, config):

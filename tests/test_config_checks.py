@@ -1,5 +1,7 @@
 """Config and stage checks that must fail before any model is loaded or compiled."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -82,3 +84,89 @@ def test_model_scan_layers_reaches_the_policy():
 
     assert load_policy(load_config("configs/grpo.toml")).scan_layers is False
     assert load_policy(load_config("configs/grpo.toml", ["model.scan_layers=true"])).scan_layers
+
+
+RANDOM_TOY = ["model.init='random'"]  # the toy model's config.json, random weights
+
+
+def _overridden(overrides: str, config: str = "configs/grpo.toml"):
+    from gradflow.train import load_policy
+
+    return load_policy(load_config(config, [*RANDOM_TOY, f"model.overrides={overrides}"])).config
+
+
+def test_model_overrides_take_the_keys_of_config_json():
+    """The keys a user copies from config.json set the same fields as gradflow's own names."""
+    hf = _overridden("{num_hidden_layers = 2, num_attention_heads = 2, num_key_value_heads = 1}")
+    own = _overridden("{num_layers = 2, num_heads = 2, num_kv_heads = 1}")
+    assert (hf.num_layers, hf.num_heads, hf.num_kv_heads) == (2, 2, 1)
+    assert hf == own
+    # Read as transformers reads them: rope_scaling is config.json's dictionary.
+    scaled = _overridden('{rope_scaling = {rope_type = "linear", factor = 2.0}}')
+    assert (scaled.rope_type, scaled.rope_scaling) == ("linear", (("factor", 2.0),))
+
+
+def test_model_overrides_derive_what_transformers_derives(tmp_path):
+    """Fewer Gemma 3 layers through either name: the layer types follow sliding_window_pattern,
+    as transformers' Gemma3TextConfig builds them."""
+    from transformers import Gemma3TextConfig
+
+    from gradflow.train import load_policy
+
+    shape = {
+        "model_type": "gemma3_text", "vocab_size": 48, "hidden_size": 16,
+        "intermediate_size": 32, "num_hidden_layers": 12, "num_attention_heads": 2,
+        "num_key_value_heads": 1, "head_dim": 8, "sliding_window": 4,
+        "sliding_window_pattern": 6, "max_position_embeddings": 64,
+    }  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(shape))
+    expected = tuple(Gemma3TextConfig(**{**shape, "num_hidden_layers": 2}).layer_types)
+    for overrides in ("{num_hidden_layers = 2}", "{num_layers = 2}"):
+        raw = [*RANDOM_TOY, f"model.path='{tmp_path}'", f"model.overrides={overrides}"]
+        config = load_policy(load_config("configs/grpo.toml", raw)).config
+        assert config.num_layers == 2 and config.layer_types == expected, overrides
+
+
+def test_a_model_override_that_is_neither_name_lists_both():
+    with pytest.raises(ConfigError) as info:
+        _overridden("{num_hiden_layers = 2}")
+    message = str(info.value)
+    assert "model.overrides: 'num_hiden_layers'" in message
+    assert "(did you mean 'num_hidden_layers'?)" in message
+    for key in ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_size"):
+        assert key in message
+    assert "num_layers (num_hidden_layers)" in message  # gradflow's names, with config.json's
+    with pytest.raises(ConfigError, match="num_layers and num_hidden_layers set the same field"):
+        _overridden("{num_layers = 2, num_hidden_layers = 3}")
+    # The toy model's config.json holds the RoPE base in rope_parameters, which transformers
+    # reads before rope_theta: an override of rope_theta alone would change nothing.
+    with pytest.raises(ConfigError, match="rope_theta = 1000000.0 does not take"):
+        _overridden("{rope_theta = 1000000.0}")
+
+
+def test_gradflow_names_stand_for_the_keys_config_json_writes():
+    from gradflow.models import ModelConfig
+    from gradflow.models.config import CONFIG_JSON_KEYS
+
+    gemma = ModelConfig.load(
+        {
+            "model_type": "gemma3_text", "vocab_size": 48, "hidden_size": 16,
+            "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "num_key_value_heads": 1, "head_dim": 8, "rope_local_base_freq": 5000.0,
+        }
+    )  # fmt: skip
+    hf = gemma.to_hf()
+    assert {name: hf[key] for name, key in CONFIG_JSON_KEYS.items()} == {
+        name: getattr(gemma, name) for name in CONFIG_JSON_KEYS
+    }
+
+
+def test_max_new_tokens_with_an_environment_says_what_to_write():
+    """A single-turn config given an [environment]: the refusal says which keys replace
+    algorithm.max_new_tokens, with the value to carry over."""
+    with pytest.raises(ConfigError) as info:
+        load_config("configs/grpo.toml", ["environment.class='examples/envs/retry.py:Retry'"])
+    message = str(info.value)
+    assert "remove algorithm.max_new_tokens (32)" in message
+    assert "environment.max_turn_tokens = 32" in message
+    assert "environment.max_turns × (environment.max_turn_tokens + " in message

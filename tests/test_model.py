@@ -411,8 +411,10 @@ def test_group_greedy_completions_are_those_of_repeated_prompts(checkpoints, pro
         )
     distinct = np.asarray(grouped.tokens)[::GROUP]
     assert len({row.tobytes() for row in distinct}) == len(PROMPT_LENGTHS)
+    # One prefill per prompt against one per row: other programs, the same values summed in
+    # other orders (a few float32 ulps of log-probs of magnitude up to ~5).
     np.testing.assert_allclose(
-        np.asarray(grouped.logprobs), np.asarray(repeated.logprobs), atol=1e-5, rtol=0
+        np.asarray(grouped.logprobs), np.asarray(repeated.logprobs), rtol=1e-4, atol=1e-6
     )
 
 

@@ -170,7 +170,8 @@ def test_sliding_window_hides_only_what_lies_outside_it(checkpoints, prompts):
     for row, length in enumerate(PROMPT_LENGTHS):
         start = ids.shape[1] - length
         inside = slice(start, start + min(window, length))
-        np.testing.assert_allclose(narrow[row, inside], full[row, inside], atol=1e-5)
+        # Other masks, the same attention weights: float32 rounding relative to the logits.
+        np.testing.assert_allclose(narrow[row, inside], full[row, inside], rtol=1e-4, atol=1e-5)
         if length > window:
             outside = np.abs(narrow[row, start + window :] - full[row, start + window :])
             assert outside.max(axis=-1).min() > 1e-2

@@ -17,7 +17,7 @@ from child_run import tiny_config
 from hf_parity import completion_logprobs
 
 from gradflow.assets import resolve_path
-from gradflow.environments import Episodes, ToolEnvironment, parse_tool_calls, turn_format
+from gradflow.environments import Episodes, ToolEnvironment, TurnFormat, parse_tool_calls
 from gradflow.environments.sampler import generate_turns
 from gradflow.models import load_hf
 from gradflow.tasks.rows import Rows
@@ -234,12 +234,20 @@ def test_tool_answers_go_through_the_chat_template(template):
     tokenizer = transformers.AutoTokenizer.from_pretrained(resolve_path("gradflow:qwen2"))
     if template == "qwen2.5":
         tokenizer.chat_template = TOOL_TEMPLATE  # Qwen2's own drops tool turns
-    form = turn_format(tokenizer, "tool", "chat", {})
-    assert tokenizer.decode(form.head) == "\n<|im_start|>user\n<tool_response>\n"
-    assert tokenizer.decode(form.tail) == "\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
-    user = turn_format(tokenizer, "user", "chat", {})
-    assert tokenizer.decode(user.head) == "\n<|im_start|>user\n"
-    assert tokenizer.decode(user.tail) == "<|im_end|>\n<|im_start|>assistant\n"
+    form = TurnFormat(tokenizer, "chat")
+    assert form.closing == "<|im_end|>\n"
+    assert form.end_of_turn == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    # Qwen2's template opens the assistant's turn after every user turn: no generation prompt.
+    assert form.opening == ("<|im_start|>assistant\n" if template == "qwen2.5" else "")
+    head, tail = form.framing("tool", closed=True)
+    assert head == "\n<|im_start|>user\n<tool_response>\n"
+    assert tail == "\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
+    assert form.framing("user", closed=False) == (
+        "<|im_end|>\n<|im_start|>user\n",
+        "<|im_end|>\n<|im_start|>assistant\n",
+    )
+    first = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert form.first("hi") == first
 
 
 ENVIRONMENT = """
@@ -314,7 +322,7 @@ def test_environment_config_is_checked(toy):
         _config(klass="a.py:B")
     with pytest.raises(ConfigError, match=r"\[environment\] needs class"):
         _config(max_turns=2)
-    with pytest.raises(ConfigError, match="max_turn_tokens caps each model turn"):
+    with pytest.raises(ConfigError, match="max_turn_tokens = 8 to cap each model turn"):
         build_config(
             {
                 "model": {"path": "x"},

@@ -355,8 +355,8 @@ def test_gsm8k_pipeline_on_random_weights_then_eval(capsys, monkeypatch, tmp_pat
     assert status == 0, out
     for metric in ("eval/accuracy", "eval/accuracy_flexible", "eval/pass@2", "eval/maj@2"):
         assert any(line.split()[:1] == [metric] for line in out.splitlines()), out
-    completions = _jsonl(run_dir / "eval_test_hf.jsonl")
-    assert f"completions: {run_dir / 'eval_test_hf.jsonl'}" in out
+    completions = _jsonl(run_dir / "eval" / "test_hf.jsonl")
+    assert f"completions: {run_dir / 'eval' / 'test_hf.jsonl'}" in out
     assert len(completions) == 4
     assert {"question", "completion", "accuracy", "accuracy_flexible"} <= set(completions[0])
 

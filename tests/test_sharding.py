@@ -199,7 +199,10 @@ def test_group_rows_split_with_their_prompts_over_8_devices():
         shard_state(policy, mesh), placed_ids, placed_mask, group_size=group, **settings
     )
     np.testing.assert_array_equal(np.asarray(split.tokens), np.asarray(alone.tokens))
-    np.testing.assert_allclose(np.asarray(split.logprobs), np.asarray(alone.logprobs), atol=1e-6)
+    # Sharded matmuls sum in another order: float32 rounding relative to the log-probs.
+    np.testing.assert_allclose(
+        np.asarray(split.logprobs), np.asarray(alone.logprobs), rtol=1e-5, atol=1e-6
+    )
     assert len({row.tobytes() for row in np.asarray(alone.tokens)}) > 8  # rows of a group differ
     shards = split.tokens.addressable_shards
     assert len(shards) == 8

@@ -11,9 +11,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from child_run import tiny_config, tokenizer_dir
+from child_run import MODEL_OVERRIDES, tiny_config, tokenizer_dir
 
-from gradflow.config import ConfigError, build_config
+from gradflow.config import ConfigError, build_config, load_config
 from gradflow.rewards import boxed_format, gsm8k_strict, math_verify, think_format
 from gradflow.tasks.errors import DataError
 from gradflow.tasks.files import read_rows
@@ -59,9 +59,11 @@ def too_few(prompts, completions, **kwargs):
 def words(prompts, completions, **kwargs):
     return ["yes"] * len(completions)
 
-def compute_score(data_source, solution_str, ground_truth, extra_info=None):
-    assert data_source == "toy" and isinstance(extra_info, dict)
-    return {"score": float(solution_str.strip().endswith(str(ground_truth)))}
+# verl's compute_score for its GSM8K file: the number after the last `#### `.
+def verl_gsm8k(data_source, solution_str, ground_truth, extra_info=None):
+    assert data_source == "openai/gsm8k" and set(extra_info) == {"split", "index", "answer", "question"}
+    found = solution_str.rpartition("#### ")[2].strip() if "#### " in solution_str else None
+    return {"score": float(found == ground_truth), "acc": found == ground_truth}
 """
 
 
@@ -272,43 +274,106 @@ def test_every_format_reads_the_same_rows(root):
         }, name
 
 
-def test_verl_parquet_trains_two_steps(root, tmp_path):
-    rows = [
-        {
-            "data_source": "toy",
-            "prompt": [{"role": "user", "content": f"{a}+{b}=?"}],
-            "ability": "math",
-            "reward_model": {"style": "rule", "ground_truth": str(a + b)},
-            "extra_info": {"split": "train", "index": i},
-        }
-        for i, (a, b) in enumerate([(1, 2), (3, 4), (5, 6), (7, 8)])
+# verl's schema, as its preprocessing (examples/data_preprocess/gsm8k.py) writes it: a data
+# source, the prompt as chat messages, the ability, the reference under
+# reward_model.ground_truth, and extra_info with the split, the row index, the raw answer and
+# question.
+VERL_SCHEMA = pa.schema(
+    [
+        ("data_source", pa.string()),
+        ("prompt", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
+        ("ability", pa.string()),
+        ("reward_model", pa.struct([("style", pa.string()), ("ground_truth", pa.string())])),
+        (
+            "extra_info",
+            pa.struct(
+                [
+                    ("split", pa.string()),
+                    ("index", pa.int64()),
+                    ("answer", pa.string()),
+                    ("question", pa.string()),
+                ]
+            ),
+        ),
     ]
-    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "verl.parquet")
+)
+VERL_INSTRUCTION = 'Let\'s think step by step and output the final answer after "####".'
+
+
+def _verl_gsm8k_file(path: Path, split: str) -> None:
+    """A Parquet file in verl's GSM8K schema (nested struct columns), written with pyarrow."""
+    rows = []
+    for index, (a, b) in enumerate([(1, 2), (3, 4), (5, 6), (7, 8)]):
+        question = f"what is {a} plus {b}?"
+        rows.append(
+            {
+                "data_source": "openai/gsm8k",
+                "prompt": [{"role": "user", "content": f"{question} {VERL_INSTRUCTION}"}],
+                "ability": "math",
+                "reward_model": {"style": "rule", "ground_truth": str(a + b)},
+                "extra_info": {
+                    "split": split,
+                    "index": index,
+                    "answer": f"{a}+{b}={a + b}\n#### {a + b}",
+                    "question": question,
+                },
+            }
+        )
+    pq.write_table(pa.Table.from_pylist(rows, schema=VERL_SCHEMA), path)
+
+
+def test_a_verl_gsm8k_parquet_file_trains_as_it_is(root, tmp_path):
+    """A file from verl's preprocessing and a verl `compute_score` train with the data paths and
+    `style = "verl"` alone: no answer_key (the reference is reward_model.ground_truth), no
+    prompt_template (chat messages go through the chat template)."""
+    for split in ("train", "test"):
+        _verl_gsm8k_file(tmp_path / f"{split}.parquet", split)
+    assert pq.read_schema(tmp_path / "train.parquet").equals(VERL_SCHEMA)
     config = tiny_config(
         root,
         tmp_path / "run",
         "verl",
-        model={"tokenizer": str(_chat_tokenizer(root))},
+        model={
+            "tokenizer": str(_chat_tokenizer(root)),
+            "overrides": {**MODEL_OVERRIDES, "max_position_embeddings": 256},
+        },
         task={
             "name": "dataset",
-            "train": str(tmp_path / "verl.parquet"),
-            "test": str(tmp_path / "verl.parquet"),
-            "answer_key": "reward_model.ground_truth",
-            "prompt_template": "chat",
+            "train": str(tmp_path / "train.parquet"),
+            "test": str(tmp_path / "test.parquet"),
             "reward_workers": 1,
         },
         train={"steps": 2, "prompts_per_step": 2},
         checkpoint={"every": 0},
     )
     with open(config, "a") as handle:
-        handle.write(f'[[reward]]\nfunction = "{root}/rewards.py:compute_score"\nstyle = "verl"\n')
+        handle.write(f'[[reward]]\nfunction = "{root}/rewards.py:verl_gsm8k"\nstyle = "verl"\n')
+    task = build_task(load_config(config, ["task.reward_workers=0"]))
+    assert task.train.columns["answer"] == ["3", "7", "11", "15"]
+    text = task.tokenizer.decode(task.train_prompts.ids[0][task.train_prompts.mask[0]])
+    assert text.startswith("user what is 1 plus 2?") and text.endswith("\nassistant ")
+    completions = ["so #### 3", "#### 8", "#### 11"]
+    np.testing.assert_array_equal(_scores(task, completions, [0, 1, 2])[0], [1.0, 0.0, 1.0])
     assert main([str(config)]) == 0
     metrics = [
         json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     ]
-    assert [m["step"] for m in metrics if "reward/compute_score" in m] == [1, 2]
+    assert [m["step"] for m in metrics if "reward/verl_gsm8k" in m] == [1, 2]
     assert all(m["reward/failed"] == 0.0 for m in metrics if "reward/failed" in m)
-    assert "eval/compute_score" in metrics[-1]
+    assert "eval/verl_gsm8k" in metrics[-1]
+
+
+def test_a_verl_file_takes_an_answer_key_of_its_own(root, tmp_path):
+    _verl_gsm8k_file(tmp_path / "train.parquet", "train")
+    path = str(tmp_path / "train.parquet")
+    raw = _raw(root, train=path, test=path, prompt_template="chat")
+    raw["model"]["tokenizer"] = str(_chat_tokenizer(root))
+    raw["reward"] = [{"function": f"{root}/rewards.py:verl_gsm8k", "style": "verl"}]
+    raw["task"]["answer_key"] = "extra_info.answer"
+    task = build_task(build_config(raw))
+    assert task.train.columns["answer"][0] == "1+2=3\n#### 3"
+    raw["task"]["answer_key"] = "extra_info.solution"
+    assert "task.answer_key = 'extra_info.solution'" in _error(raw)
 
 
 def test_failures_cost_only_their_samples_in_the_worker_pool(root):

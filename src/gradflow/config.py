@@ -542,9 +542,13 @@ def build_config(raw: dict[str, Any], *, source: str = "") -> Config:
             "environment answering each model turn)"
         )
     if config.environment.class_ and "max_new_tokens" in config.algorithm:
+        cap = config.algorithm["max_new_tokens"]
         raise ConfigError(
-            "algorithm.max_new_tokens does not apply with [environment]: "
-            "environment.max_turn_tokens caps each model turn"
+            "algorithm.max_new_tokens does not apply with [environment], whose keys bound a "
+            "trajectory: environment.max_turns × (environment.max_turn_tokens + "
+            "environment.max_observation_tokens) tokens; remove algorithm.max_new_tokens "
+            f"({cap}) and write environment.max_turn_tokens = {cap} to cap each model turn as "
+            "it capped the completion"
         )
     if config.model.init == "random" and not (config.model.config or config.model.path):
         raise ConfigError('model.init = "random" needs model.config (an HF config.json)')

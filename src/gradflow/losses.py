@@ -9,8 +9,8 @@ Loss aggregation (`agg`), with `L` the per-token loss and `m` the completion mas
   constant normaliser, `time` the completion cap); verl divides by `time` alone (its
   `loss_mask.shape[-1]`): `aggregation_denominator(..., rows=1)`.
 
-With top-k/top-p sampling `policy_loss` also takes per-token weights `π_old(y)/μ(y)` (the mass the
-filter kept), which multiply each token's loss before aggregation.
+`policy_loss` also takes per-token weights (`gradflow.stages.PolicyLoss`: the mass a top-k/top-p
+filter kept times the rollout correction), which multiply each token's loss before aggregation.
 
 Each mode is `aggregation_numerator / aggregation_denominator`; sequence means count only
 sequences with at least one valid token. Passing the whole minibatch's denominator to
@@ -230,9 +230,9 @@ def policy_loss(
     - `ratio_level`: `"token"` (PPO) or `"sequence"` (GSPO).
     - `denominator`: aggregation denominator (see `aggregate`); the whole minibatch's for
         gradient accumulation.
-    - `weights`: per-token importance weights `π_old(y_t) / μ(y_t)` of tokens drawn from a
-        sampling distribution `μ` other than the behaviour policy (top-k/top-p); treated as
-        constants.
+    - `weights`: per-token importance weights of tokens drawn from a sampling distribution
+        other than the behaviour policy (a top-k/top-p filter's kept mass, a sampler–trainer
+        mismatch correction); treated as constants.
 
     **Returns:**
 

@@ -232,9 +232,11 @@ def packed_hidden(forward, packed: Packed) -> Float[Array, "batch new hidden"]:
 
     **Arguments:**
 
-    - `forward`: `(ids, segment_ids, prefix_ids, positions) -> hidden states`, `[rows, tokens]`
-      to `[rows, tokens, hidden]` (`Decoder.hidden_states` with segment ids, prefix ids and
-      positions).
+    - `forward`: `(ids, segment_ids, prefix_ids, positions, block) -> hidden states`,
+      `[rows, tokens]` to `[rows, tokens, hidden]` (`Decoder.hidden_states` with segment ids,
+      prefix ids and positions); `block` is the index of the block of rows (a model with LoRA
+      dropout folds it into its keys, so that each block draws its own masks, as each row of a
+      padded batch does).
     - `packed`: the packed micro-batch.
 
     **Returns:**
@@ -248,8 +250,10 @@ def packed_hidden(forward, packed: Packed) -> Float[Array, "batch new hidden"]:
         x = x.reshape(shards, per // block, block, tokens).swapaxes(0, 1)
         return x.reshape(per // block, shards * block, tokens)
 
-    inputs = tuple(
-        blocks(x) for x in (packed.ids, packed.segments, packed.prefixes, packed.positions)
+    indices = jnp.arange(per // block, dtype=jnp.int32)
+    inputs = (
+        *(blocks(x) for x in (packed.ids, packed.segments, packed.prefixes, packed.positions)),
+        indices,
     )
     shape = jax.eval_shape(forward, *(x[0] for x in inputs))
 

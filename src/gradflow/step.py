@@ -354,7 +354,11 @@ def _compiled_step(inputs, state: TrainState) -> tuple[TrainState, dict[str, Arr
         )
 
     old_logp = None
-    reuses_logprobs = loss.epochs * loss.minibatches == 1
+    # One update: the objective's own log-probs (stop-gradient) are the old ones, unless LoRA
+    # dropout makes them another policy's than the one that sampled.
+    lora = state.policy.lora
+    dropout = lora is not None and lora.dropout > 0
+    reuses_logprobs = loss.epochs * loss.minibatches == 1 and not dropout
     if not reuses_logprobs or loss.needs_old_logprobs:
         old_logp = jax.lax.stop_gradient(logprobs_of(state.policy))
     ref_logp = None

@@ -49,6 +49,8 @@ from .models import (
     save_hf,
     save_peft,
 )
+from .models.config import OverrideError
+from .models.gguf_io import gguf_hf_config, is_gguf, load_gguf, resolve_model_path
 from .plots import plot_curves
 from .run_log import RunLogger
 from .sharding import batch_size_divisor, check_batch, make_mesh, shard_prompts, shard_state
@@ -87,8 +89,8 @@ def prompt_indices(step: int, prompts: int, size: int, seed: int) -> np.ndarray:
 
 
 def load_policy(config: Config):
-    """The initial policy: a local HF checkpoint, or random weights of a config's shape, with
-    LoRA adapters when `[model.lora]` asks for them (fresh, or a PEFT adapter's).
+    """The initial policy: a local HF checkpoint or GGUF file, or random weights of a config's
+    shape, with LoRA adapters when `[model.lora]` asks for them (fresh, or a PEFT adapter's).
 
     **Arguments:**
 
@@ -102,19 +104,19 @@ def load_policy(config: Config):
     dtype = jnp.dtype(mc.dtype)
     compute = mc.compute_dtype or mc.dtype
     if mc.init == "random":
-        shape = ModelConfig.load(resolve_path(mc.config or mc.path))
-        valid = {f.name for f in dataclasses.fields(ModelConfig)}
-        unknown = sorted(set(mc.overrides) - valid)
-        if unknown:
-            raise ValueError(
-                f"unknown model.overrides key {unknown[0]!r}; valid: {', '.join(sorted(valid))}"
+        source = resolve_model_path(mc.config or mc.path)
+        try:
+            shape = ModelConfig.load(
+                gguf_hf_config(source) if is_gguf(source) else source, mc.overrides
             )
-        shape = shape.replace(**mc.overrides)
+        except OverrideError as e:
+            raise ConfigError(f"model.overrides: {e}") from None
         policy = init_from_config(shape, key=jax.random.key(config.run.seed), dtype=dtype)
     else:
         if mc.overrides:
             raise ValueError('model.overrides only applies with model.init = "random"')
-        policy = load_hf(model_directory(mc.path), dtype=dtype)
+        path = model_directory(mc.path)
+        policy = load_gguf(path, dtype=dtype) if is_gguf(path) else load_hf(path, dtype=dtype)
     if mc.lora is not None:
         policy = lora_policy(
             policy,
@@ -140,12 +142,26 @@ def _check_shapes(config: Config, task: Task, policy, max_new_tokens: int) -> No
             f"the tokenizer has {len(task.tokenizer)} tokens but the model's vocabulary has "
             f"{vocab}: model and tokenizer do not match"
         )
-    needed = max(task.train_prompts.prompt_len, task.test_prompts.prompt_len) + max_new_tokens
-    if needed > policy.config.max_position_embeddings:
-        raise ValueError(
-            f"prompt ({task.train_prompts.prompt_len} tokens) + max_new_tokens ({max_new_tokens}) "
-            f"exceeds the model's context of {policy.config.max_position_embeddings}"
+    prompt = max(task.train_prompts.prompt_len, task.test_prompts.prompt_len)
+    context = policy.config.max_position_embeddings
+    if prompt + max_new_tokens <= context:
+        return
+    env = config.environment
+    if env.class_:  # the completion width is the [environment] keys' trajectory
+        budget = (
+            "environment.max_turns × (environment.max_turn_tokens + "
+            f"environment.max_observation_tokens) = {prompt} + {env.max_turns} × "
+            f"({env.max_turn_tokens} + {env.max_observation_tokens})"
         )
+        fix = "lower those"
+    else:
+        budget = f"algorithm.max_new_tokens ({max_new_tokens})"
+        fix = "lower algorithm.max_new_tokens"
+    raise ValueError(
+        f"prompt ({prompt} tokens) + {budget} = {prompt + max_new_tokens} tokens exceeds the "
+        f"model's context of {context}: {fix}, or use shorter prompts or a model with a longer "
+        "context"
+    )
 
 
 def run_directory(config: Config, config_name: str) -> Path:

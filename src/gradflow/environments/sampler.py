@@ -3,10 +3,11 @@ one KV cache and one decode loop.
 
 Every row's tokens stay contiguous in the cache (prompt, turn, answer, turn, …), so a decode
 step writes all rows at the same slot and attends over `start[b] … slot` as single-turn
-sampling does. A row whose turn ends (EOS or `max_turn_tokens`) is answered by its environment
-through a host callback at that step, and its answer's tokens are fed through the following
-decode steps (as the prompt's would be, without sampling: the loop never re-reads the growing
-context) while the other rows go on generating; the next model turn follows the answer. A row
+sampling does. A row whose turn ends (EOS, the chat template's end-of-turn token, or
+`max_turn_tokens`) is answered by its environment through a host callback at that step, and
+the answer's tokens (with the template's framing: `episodes.Episodes`) are fed through the
+following decode steps (as the prompt's would be, without sampling: the loop never re-reads the
+growing context) while the other rows go on generating; the next model turn follows. A row
 the environment ends (or that used `max_turns`) stops. The shapes are static: the completion
 region holds `max_turns × (max_turn_tokens + max_observation_tokens)` slots, and one
 compilation serves every batch.
@@ -71,7 +72,8 @@ def generate_turns(
     - `max_turn_tokens`: new tokens per model turn.
     - `max_observation_tokens`: tokens per environment answer (`episodes` cuts longer ones).
     - `temperature`, `top_p`, `top_k`: sampling (see `gradflow.rollout.generate`).
-    - `eos_token_ids`: tokens that end a model turn.
+    - `eos_token_ids`: tokens that end a model turn (besides the chat template's end-of-turn
+      token, `episodes.end_of_turn`).
     - `pad_token_id`: written after a trajectory's end.
     - `decode_attention`: see `gradflow.rollout.generate`.
 
@@ -88,7 +90,8 @@ def generate_turns(
     decoding = DecodingModel.from_decoder(model, decode_attention)
     hidden, cache = model.prefill(prompt_ids, prompt_mask, decoding.cache_slots(prompt_len + width))
     prompt_lengths = jnp.sum(prompt_mask.astype(jnp.int32), axis=1)
-    eos = jnp.asarray(eos_token_ids if eos_token_ids else (-1,), jnp.int32)
+    stops = (*eos_token_ids, *([] if episodes.end_of_turn is None else [episodes.end_of_turn]))
+    eos = jnp.asarray(tuple(dict.fromkeys(stops)) or (-1,), jnp.int32)
     uniforms = jax.random.uniform(key, (width, batch), jnp.float32)
     answer_shapes = (
         jax.ShapeDtypeStruct((batch, obs_width), jnp.int32),

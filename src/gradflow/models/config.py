@@ -6,6 +6,7 @@ the attention scale, the RoPE bases).
 """
 
 import dataclasses
+import difflib
 import json
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,41 @@ ROPE_PARAMETERS = {
 }
 SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 LAYER_TYPES = ("full_attention", "sliding_attention")
+# gradflow's names of the fields that `config.json` holds under other keys: overrides
+# (`ModelConfig.load`) take either name. Gemma's activation is `hidden_activation` (others read
+# `hidden_act` itself), and only Gemma reads `rope_local_base_freq`.
+CONFIG_JSON_KEYS = {
+    "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+    "num_kv_heads": "num_key_value_heads",
+    "hidden_act": "hidden_activation",
+    "rope_local_theta": "rope_local_base_freq",
+}
+
+
+class OverrideError(ValueError):
+    """An override `ModelConfig.load` cannot apply: a key the family reads by neither name, a
+    field set under both names, or a value that other keys of `config.json` overrule."""
+
+
+class _ReadRecorder(dict):
+    """A `config.json` dictionary that notes every key looked up in it."""
+
+    def __init__(self, *args: Any):
+        super().__init__(*args)
+        self.read: set[str] = set()
+
+    def __getitem__(self, key: str) -> Any:
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key: object) -> bool:
+        self.read.add(key)
+        return super().__contains__(key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.read.add(key)
+        return super().get(key, default)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,27 +304,101 @@ class ModelConfig:
         )
 
     @classmethod
-    def load(cls, config: "str | Path | dict[str, Any] | ModelConfig") -> "ModelConfig":
-        """Reads a config from a `config.json` path, a directory holding one, or a dictionary.
+    def load(
+        cls,
+        config: "str | Path | dict[str, Any] | ModelConfig",
+        overrides: dict[str, Any] | None = None,
+    ) -> "ModelConfig":
+        """Reads a config from a `config.json` path, a directory holding one, or a dictionary,
+        with some of its keys changed.
 
         **Arguments:**
 
-        - `config`: a path, an HF config dictionary or a `ModelConfig` (returned as is).
+        - `config`: a path, an HF config dictionary or a `ModelConfig` (returned as is when
+            nothing is overridden).
+        - `overrides`: `config.json` keys and their new values, read as transformers reads them
+            (e.g. fewer `num_hidden_layers` re-derive Gemma's layer types, a `hidden_size`
+            re-derives `head_dim` when `config.json` has none); gradflow's names of the fields
+            `config.json` spells otherwise (`CONFIG_JSON_KEYS`: `num_layers`, ...) stand for
+            their keys.
 
         **Returns:**
 
         The `ModelConfig`.
+
+        **Raises:**
+
+        `OverrideError` for an override key that the config's family does not read from
+        `config.json` by either name (listing the keys it reads), one field set under both
+        names, or an override that leaves its field as it was (other keys decide it, e.g.
+        `rope_parameters` the RoPE base over `rope_theta`); `ValueError` for a config gradflow
+        cannot compute exactly.
         """
         if isinstance(config, ModelConfig):
-            return config
-        if isinstance(config, dict):
-            return cls.from_hf(config)
-        path = Path(config)
-        if path.is_dir():
-            path = path / "config.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"no model config at {path}: pass a HF model directory")
-        return cls.from_hf(json.loads(path.read_text()), source=str(path))
+            if not overrides:
+                return config
+            hf, source = config.to_hf(), "config"
+        elif isinstance(config, dict):
+            hf, source = config, "config"
+        else:
+            path = Path(config)
+            if path.is_dir():
+                path = path / "config.json"
+            if not path.is_file():
+                raise FileNotFoundError(f"no model config at {path}: pass a HF model directory")
+            hf, source = json.loads(path.read_text()), str(path)
+        if not overrides:
+            return cls.from_hf(hf, source=source)
+        return cls._overridden(hf, overrides, source)
+
+    @classmethod
+    def _overridden(
+        cls, hf: dict[str, Any], overrides: dict[str, Any], source: str
+    ) -> "ModelConfig":
+        """`from_hf` of `hf` with `overrides` applied; the keys `from_hf` reads from either
+        dictionary (this family's, given these values) are the valid ones."""
+        original = _ReadRecorder(hf)
+        cls.from_hf(original, source=source)
+        keys = {}
+        for key in overrides:
+            alias = CONFIG_JSON_KEYS.get(key)
+            keys[key] = alias if key not in original.read and alias in original.read else key
+        targets = list(keys.values())
+        for key, target in keys.items():
+            if target != key and targets.count(target) > 1:
+                raise OverrideError(f"{key} and {target} set the same field; keep one")
+        changed = _ReadRecorder({**hf, **{keys[k]: v for k, v in overrides.items()}})
+        config, error = None, None
+        try:
+            config = cls.from_hf(changed, source=f"{source} with the overrides")
+        except ValueError as e:
+            error = e  # raised once every key is known to be read
+        read = original.read | changed.read
+        for key, target in keys.items():
+            if target not in read:
+                close = difflib.get_close_matches(key, [*read, *CONFIG_JSON_KEYS], n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                aliases = [f"{a} ({t})" for a, t in CONFIG_JSON_KEYS.items() if t in read]
+                raise OverrideError(
+                    f"{key!r}{hint} is not a key gradflow reads from this "
+                    f"{hf.get('model_type')} config.json ({source}); valid: its keys "
+                    f"{', '.join(sorted(read))}, or gradflow's names {', '.join(aliases)}"
+                )
+        if error is not None:
+            raise error
+        fields = {f.name for f in dataclasses.fields(cls)}
+        named = {t: a for a, t in CONFIG_JSON_KEYS.items()}
+        for key, value in overrides.items():
+            field = key if key in fields else named.get(keys[key])
+            wanted = tuple(value) if isinstance(value, list) else value
+            if field is None or isinstance(value, dict) or getattr(config, field) == wanted:
+                continue
+            raise OverrideError(
+                f"{key} = {value!r} does not take: read as transformers reads {source}, it "
+                f"leaves {field} = {getattr(config, field)!r} (other keys there decide it, "
+                "e.g. rope_parameters the RoPE base: override those)"
+            )
+        return config
 
     def to_hf(self) -> dict[str, Any]:
         """The HF `config.json` dictionary that `transformers` reads back to the same model.

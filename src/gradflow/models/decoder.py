@@ -179,15 +179,12 @@ class Decoder(eqx.Module):
 
         **Returns:**
 
-        The `Decoder` with adapters in the parameter dtype.
+        The `Decoder` with adapters (float32, whatever the base's dtype).
         """
         names = resolve_targets(targets)
         keys = jax.random.split(key, self.config.num_layers)
-        dtype = self.embed.dtype
         adapters = eqx.filter_vmap(
-            lambda k: LoraAdapters.init(
-                self.config, rank, alpha, names, dropout=dropout, key=k, dtype=dtype
-            )
+            lambda k: LoraAdapters.init(self.config, rank, alpha, names, dropout=dropout, key=k)
         )(keys)
         return self.replace_adapters(adapters)
 
@@ -222,6 +219,23 @@ class Decoder(eqx.Module):
         return eqx.tree_at(
             lambda m: m.layers.lora.dropout_key, self, keys, is_leaf=lambda x: x is None
         )
+
+    def fold_in_dropout(self, data: Int[Array, ""]) -> "Decoder":
+        """This model with `data` folded into its adapters' dropout keys: another draw of the
+        masks for another part of the batch (a packed block). Unchanged without dropout keys.
+
+        **Arguments:**
+
+        - `data`: an integer naming the part (the packed block's index).
+
+        **Returns:**
+
+        The `Decoder`.
+        """
+        if self.lora is None or self.lora.dropout_key is None:
+            return self
+        keys = jax.vmap(lambda k: jax.random.fold_in(k, data))(self.lora.dropout_key)
+        return eqx.tree_at(lambda m: m.layers.lora.dropout_key, self, keys)
 
     def adapters_off(self) -> "Decoder":
         """The base model: this one with its LoRA adapters switched off (no weights copied).

@@ -8,6 +8,11 @@ projections concatenated into one matrix and the gate/up projections into anothe
 the layers in a Python loop (unrolled in the compiled loop body) against a per-layer `KVCache`.
 The layer's math is `AbstractDecoderLayer`'s, the same as in training and prefill; only the
 weight fusing and the cache attention are here.
+
+LoRA adapters are not merged into the weights: each step adds `s · (x Aᵀ) Bᵀ` to a projection's
+output as a separate term, in the compute dtype, as the training forward pass does. Merging
+`W + s · B A` and casting to bfloat16 would decode another policy than the one trained: a small
+`B A` is mostly lost in the cast (README, "LoRA").
 """
 
 import equinox as eqx
@@ -29,12 +34,14 @@ from .layers import (
     norm,
     softcap,
 )
+from .lora import LoraAdapters
 from .rope import rotary_tables
 
 
 class DecodingLayer(AbstractDecoderLayer):
     """One decoder layer's weights for decoding (HF `[out, in]` layout, compute dtype), with the
-    query/key/value projections fused into one matrix and the gate/up projections into another.
+    query/key/value projections fused into one matrix and the gate/up projections into another,
+    and the layer's LoRA adapters (in their parameter dtype), applied as a separate term.
     """
 
     input_norm: Float[Array, " hidden"]
@@ -48,11 +55,12 @@ class DecodingLayer(AbstractDecoderLayer):
     gate_up_proj: Float[Array, "gate_up hidden"]
     down_proj: Float[Array, "hidden intermediate"]
     mlp_out_norm: Float[Array, " hidden"] | None
+    lora: LoraAdapters | None
 
     @staticmethod
     def from_layer(layer: DecoderLayer, dtype: str) -> "DecodingLayer":
-        """Merges the adapters of one (unstacked) `DecoderLayer` into its weights, then
-        concatenates and casts them.
+        """Concatenates and casts the weights of one (unstacked) `DecoderLayer`; its adapters
+        are kept as they are.
 
         **Arguments:**
 
@@ -63,8 +71,6 @@ class DecodingLayer(AbstractDecoderLayer):
 
         The `DecodingLayer`.
         """
-
-        layer = layer.merged()
 
         def cast(w):
             return None if w is None else w.astype(dtype)
@@ -84,7 +90,13 @@ class DecodingLayer(AbstractDecoderLayer):
             gate_up_proj=jnp.concatenate([layer.gate_proj, layer.up_proj]).astype(dtype),
             down_proj=cast(layer.down_proj),
             mlp_out_norm=cast(layer.mlp_out_norm),
+            lora=layer.lora,
         )
+
+    def _adapted(self, name: str, x, y):
+        """`y` plus projection `name`'s adapter term in `x` (`y` where it has none)."""
+        delta = None if self.lora is None else self.lora.delta(name, x)
+        return y if delta is None else y + delta
 
     def project_qkv(
         self, x: Float[Array, "*batch hidden"]
@@ -95,19 +107,23 @@ class DecodingLayer(AbstractDecoderLayer):
         kv_out = (self.qkv_proj.shape[0] - q_out) // 2
         qkv = linear(x, self.qkv_proj, self.qkv_bias)
         q, k, v = jnp.split(qkv, [q_out, q_out + kv_out], axis=-1)
-        return q, k, v
+        return (
+            self._adapted("q_proj", x, q),
+            self._adapted("k_proj", x, k),
+            self._adapted("v_proj", x, v),
+        )
 
     def project_gate_up(
         self, x: Float[Array, "*batch hidden"]
     ) -> tuple[Float[Array, "*batch intermediate"], Float[Array, "*batch intermediate"]]:
         gate, up = jnp.split(linear(x, self.gate_up_proj), 2, axis=-1)
-        return gate, up
+        return self._adapted("gate_proj", x, gate), self._adapted("up_proj", x, up)
 
     def project_out(self, x: Float[Array, "*batch q_out"]) -> Float[Array, "*batch hidden"]:
-        return linear(x, self.o_proj)
+        return self._adapted("o_proj", x, linear(x, self.o_proj))
 
     def project_down(self, x: Float[Array, "*batch intermediate"]) -> Float[Array, "*batch hidden"]:
-        return linear(x, self.down_proj)
+        return self._adapted("down_proj", x, linear(x, self.down_proj))
 
     def __call__(
         self,

@@ -5,8 +5,10 @@ A targeted projection `y = x Wᵀ` becomes `y = x Wᵀ + s · (x Aᵀ) Bᵀ` wit
 zero, so a fresh adapter computes exactly the base model. The adapters of every layer are
 stacked along the layers' leading axis (`LoraAdapters` sits in `DecoderLayer.lora`) and scanned
 with them; switching them off (`Decoder.adapters_off`) gives back the frozen base without a copy.
-The training forward pass and the prefill apply them factored (`x Aᵀ Bᵀ`); the decode loop merges
-them into its per-call weights (`W + s · B A`, once per generation).
+The training forward pass, the prefill and the decode loop all apply them factored (`x Aᵀ Bᵀ`,
+in the compute dtype), so the sampler decodes the policy that is trained. The adapters and their
+optimizer moments are float32 whatever the base's dtype (PEFT's default): a bfloat16 `A`
+(entries about `1/√d`) would not move under Adam steps of 1e-4.
 """
 
 import hashlib
@@ -18,6 +20,9 @@ import numpy as np
 from jaxtyping import Array, Float, Key, PRNGKeyArray
 
 from .config import ModelConfig
+
+ADAPTER_DTYPE = jnp.float32
+"""The adapters' parameter dtype, whatever the base model's."""
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 """The projections an adapter can sit on, by their Hugging Face module names."""
@@ -112,7 +117,6 @@ class LoraAdapters(eqx.Module):
         *,
         dropout: float = 0.0,
         key: PRNGKeyArray,
-        dtype=jnp.float32,
     ) -> "LoraAdapters":
         """Fresh adapters for one layer: `A` uniform in `±1/√fan_in` (PEFT's Kaiming-uniform with
         `a = √5`), `B` zero.
@@ -125,11 +129,10 @@ class LoraAdapters(eqx.Module):
         - `targets`: the projections to adapt (`resolve_targets`).
         - `dropout`: the dropout rate of the adapters' inputs in training.
         - `key`: PRNG key.
-        - `dtype`: parameter dtype.
 
         **Returns:**
 
-        The `LoraAdapters`.
+        The `LoraAdapters` (in `ADAPTER_DTYPE`).
         """
         if rank <= 0:
             raise ValueError(f"model.lora.rank must be >= 1, got {rank}")
@@ -141,8 +144,8 @@ class LoraAdapters(eqx.Module):
                 return None
             fan_out, fan_in = shapes[name]
             bound = 1.0 / np.sqrt(fan_in)
-            a = jax.random.uniform(keys[name], (rank, fan_in), jnp.float32, -bound, bound)
-            return LoraPair(a=a.astype(dtype), b=jnp.zeros((fan_out, rank), dtype))
+            a = jax.random.uniform(keys[name], (rank, fan_in), ADAPTER_DTYPE, -bound, bound)
+            return LoraPair(a=a, b=jnp.zeros((fan_out, rank), ADAPTER_DTYPE))
 
         return LoraAdapters(
             **{name: pair(name) for name in TARGETS},

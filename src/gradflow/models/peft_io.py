@@ -20,7 +20,14 @@ from safetensors.numpy import save_file
 from ..files import write_replacing
 from .decoder import Decoder
 from .hf_io import CheckpointError, layer_tensors
-from .lora import TARGETS, LoraAdapters, LoraPair, projection_shapes, resolve_targets
+from .lora import (
+    ADAPTER_DTYPE,
+    TARGETS,
+    LoraAdapters,
+    LoraPair,
+    projection_shapes,
+    resolve_targets,
+)
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -118,7 +125,7 @@ def load_peft(model: Decoder, path: "str | Path", *, dropout: float = 0.0) -> De
 
     **Returns:**
 
-    The `Decoder` with the adapter, in the base's parameter dtype.
+    The `Decoder` with the adapter (float32, whatever the file's or the base's dtype).
     """
     directory = Path(path)
     config_file, weights_file = directory / CONFIG_FILE, directory / WEIGHTS_FILE
@@ -154,7 +161,6 @@ def load_peft(model: Decoder, path: "str | Path", *, dropout: float = 0.0) -> De
             )
         found.setdefault(modules[module], {})[(int(match[1]), match[4])] = array
     shapes = projection_shapes(config)
-    dtype = model.embed.dtype
 
     def pair(target):
         if target not in found:
@@ -174,7 +180,7 @@ def load_peft(model: Decoder, path: "str | Path", *, dropout: float = 0.0) -> De
                         f"expected {shape} (an adapter of another base model?)"
                     )
                 layers.append(array)
-            stacked[matrix] = jnp.asarray(np.stack(layers), dtype)
+            stacked[matrix] = jnp.asarray(np.stack(layers), ADAPTER_DTYPE)
         return LoraPair(a=stacked["A"], b=stacked["B"])
 
     adapters = LoraAdapters(

@@ -171,14 +171,29 @@ class AbstractLoss(eqx.Module):
         the critic's values, when the state has a critic)."""
 
 
+def _kept_mass(
+    old_logp: Float[Array, "batch new"],
+    sampling_logp: Float[Array, "batch new"],
+    sampler_logp: Float[Array, "batch new"] | None,
+    mask: Bool[Array, "batch new"],
+) -> Float[Array, "batch new"]:
+    """The mass `Z = π_sampler(y_t) / μ(y_t)` the top-k/top-p filter kept at each token, capped at
+    1 (rounding), from the sampler's own log-probs; without them (a filter at a temperature other
+    than 1) `π_old(y_t) / μ(y_t)`, which is `Z` times the mismatch ratio `ρ_t`."""
+    unfiltered = old_logp if sampler_logp is None else sampler_logp
+    return jnp.minimum(jnp.exp(jnp.where(mask, unfiltered - sampling_logp, 0.0)), 1.0)
+
+
 def _importance_weights(
     rollout_correction: str,
     threshold: float,
+    lower: float,
     old_logp: Float[Array, "batch new"],
     sampler_logp: Float[Array, "batch new"],
     mask: Bool[Array, "batch new"],
 ) -> tuple[Float[Array, "batch new"] | None, dict[str, AbstractMetric]]:
-    """Rollout-correction weights `w` from `ρ_t = π_old(y_t) / π_sampler(y_t)` and their metrics."""
+    """Rollout-correction weights `w` from `ρ_t = π_old(y_t) / π_sampler(y_t)` and their metrics
+    (the mask modes reject ratios above `threshold` or below `lower`)."""
     m = mask.astype(jnp.float32)
     tokens = jnp.sum(m)
     log_ratio = jnp.where(mask, old_logp - sampler_logp, 0.0)
@@ -198,7 +213,7 @@ def _importance_weights(
     if rollout_correction == "sequence_mask":
         ratio = jnp.exp(jnp.clip(jnp.sum(log_ratio, axis=1, keepdims=True), -20.0, 20.0))
         ratio = jnp.broadcast_to(ratio, mask.shape)
-    rejected = ratio > threshold
+    rejected = (ratio > threshold) | (ratio < lower)
     metrics["rollout/is_masked"] = Mean(jnp.sum(rejected.astype(jnp.float32) * m), tokens)
     return jnp.where(rejected, 0.0, ratio), metrics
 
@@ -226,16 +241,21 @@ class PolicyLoss(AbstractLoss):
     - `rollout_correction`: sampler–trainer mismatch correction with
       `ρ_t = π_old(y_t) / π_sampler(y_t)` (the recomputed log-probs against the sampler's):
       `"none"`, `"token_tis"` (weights `min(ρ_t, threshold)`), `"token_mask"` (weights `ρ_t`,
-      0 where `ρ_t > threshold`), `"sequence_mask"` (weights `ρ = Π_t ρ_t` of the sequence, 0
-      where `ρ > threshold`).
-    - `rollout_correction_threshold`: the truncation / masking threshold.
+      0 where `ρ_t > threshold` or `ρ_t < threshold_lower`), `"sequence_mask"` (weights
+      `ρ = Π_t ρ_t` of the sequence, 0 where `ρ > threshold` or `ρ < threshold_lower`). A
+      rejected token keeps its place in the aggregation denominators (TRL's convention).
+    - `rollout_correction_threshold`: the truncation / masking threshold (> 1).
+    - `rollout_correction_threshold_lower`: the mask modes' lower threshold, in `[0, 1)` (0:
+      none, as TRL; verl rejects below `1 / threshold`).
     - `epochs`, `minibatches`, `micro_batches`, `logprob_chunk`, `packing`, `pack_tokens`,
       `share_prompts`, `mask_truncated`: the schedule (see `AbstractLoss`).
     - `value_clip`: the critic's value clip (used when the state has a critic).
 
-    With top-k/top-p sampling each token's policy loss is also weighed by `π_old(y)/μ(y)`, the
-    probability mass the filter kept, capped at 1 (exactly it is at most 1; bf16 differences
-    between sampler and trainer can push it above).
+    With top-k/top-p sampling each token's policy loss is also weighed by the probability mass
+    the filter kept, `Z = π_sampler(y)/μ(y)` (`μ` the filtered distribution the token was drawn
+    from), so that the weight is `Z · w(ρ)`: each factor once. At a temperature other than 1 the
+    sampler keeps no unfiltered tempered log-prob, so `Z` is estimated by `min(π_old(y)/μ(y), 1)`
+    (which holds `ρ` too) and a `rollout_correction` other than `"none"` is an error.
     """
 
     clip_low: float = 0.2
@@ -250,6 +270,7 @@ class PolicyLoss(AbstractLoss):
     entropy_coef: float = 0.0
     rollout_correction: str = "none"
     rollout_correction_threshold: float = 2.0
+    rollout_correction_threshold_lower: float = 0.0
     epochs: int = 1
     minibatches: int = 1
     micro_batches: int = 1
@@ -286,6 +307,12 @@ class PolicyLoss(AbstractLoss):
             raise ValueError(
                 f"rollout_correction_threshold must be > 1, got {self.rollout_correction_threshold}"
             )
+        if not 0.0 <= self.rollout_correction_threshold_lower < 1.0:
+            raise ValueError(
+                "rollout_correction_threshold_lower must be in [0, 1) (0: no lower threshold; "
+                "verl's is 1 / rollout_correction_threshold), got "
+                f"{self.rollout_correction_threshold_lower}"
+            )
 
     @property
     def estimator(self) -> str:
@@ -320,10 +347,11 @@ class PolicyLoss(AbstractLoss):
         weights = None
         sums: dict[str, AbstractMetric] = {}
         if batch.sampling_logp is not None:
-            # Tokens drawn with top-k/top-p come from the truncated distribution μ, not from π_old:
-            # each is weighed by π_old(y)/μ(y), the probability mass the filter kept at its step
-            # (at most 1; numeric differences between sampler and trainer can push it above).
-            weights = jnp.minimum(jnp.exp(jnp.where(mask, old - batch.sampling_logp, 0.0)), 1.0)
+            # Tokens drawn with top-k/top-p come from the truncated distribution μ, not from the
+            # sampler's π: each is weighed by the mass Z = π/μ the filter kept at its step. The
+            # mismatch ρ = π_old/π is the rollout correction's alone, so Z comes from the
+            # sampler's own log-probs where it has them (π_old/μ would hold ρ a second time).
+            weights = _kept_mass(old, batch.sampling_logp, batch.sampler_logp, mask)
             sums["loss/kept_mass"] = Mean(
                 jnp.sum(jnp.where(mask, weights, 0.0)), jnp.sum(mask.astype(jnp.float32))
             )
@@ -331,6 +359,7 @@ class PolicyLoss(AbstractLoss):
             correction, is_metrics = _importance_weights(
                 self.rollout_correction,
                 self.rollout_correction_threshold,
+                self.rollout_correction_threshold_lower,
                 old,
                 batch.sampler_logp,
                 mask,

@@ -48,6 +48,7 @@ def chat_prompt(
     system: str | None = DEFAULT_SYSTEM,
     instruction: str = DEFAULT_INSTRUCTION,
     chat_template_kwargs: dict | None = None,
+    generation_prompt: bool = True,
 ) -> str:
     """Prompt text from the tokenizer's chat template, ending with the assistant's turn opened.
 
@@ -58,6 +59,9 @@ def chat_prompt(
     - `system`: the system message, or `None` for none (the template may add its own default).
     - `instruction`: appended to the user message on the line after the question.
     - `chat_template_kwargs`: passed to `apply_chat_template` (e.g. `enable_thinking`).
+    - `generation_prompt`: whether the text ends with the assistant's turn opened; `False`
+      ends it with the user's turn closed (multi-turn rollouts open the model's turn after
+      the environment's first message).
 
     **Returns:**
 
@@ -69,10 +73,15 @@ def chat_prompt(
     """
     messages = [] if system is None else [{"role": "system", "content": system}]
     messages.append({"role": "user", "content": f"{question}\n{instruction}"})
-    return chat_text(tokenizer, messages, chat_template_kwargs or {})
+    return chat_text(tokenizer, messages, chat_template_kwargs or {}, generation_prompt)
 
 
-def chat_text(tokenizer: PreTrainedTokenizerBase, messages: list[dict], kwargs: dict) -> str:
+def chat_text(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict],
+    kwargs: dict,
+    generation_prompt: bool = True,
+) -> str:
     """Chat messages through the tokenizer's chat template, the assistant's turn opened.
 
     **Arguments:**
@@ -80,6 +89,7 @@ def chat_text(tokenizer: PreTrainedTokenizerBase, messages: list[dict], kwargs: 
     - `tokenizer`: a tokenizer with a chat template.
     - `messages`: `[{"role": ..., "content": ...}, ...]`.
     - `kwargs`: passed to `apply_chat_template`.
+    - `generation_prompt`: `False` leaves the assistant's turn unopened (see `chat_prompt`).
 
     **Returns:**
 
@@ -95,7 +105,7 @@ def chat_text(tokenizer: PreTrainedTokenizerBase, messages: list[dict], kwargs: 
             'set task.prompt_template = "plain" to use the prompts as they are'
         )
     return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=True, **kwargs
+        messages, tokenize=False, add_generation_prompt=generation_prompt, **kwargs
     )
 
 
@@ -117,6 +127,7 @@ def row_prompt(
     chat_template_kwargs: dict,
     bos: str,
     where: str,
+    generation_prompt: bool = True,
 ) -> str:
     """The prompt text of one dataset row.
 
@@ -131,6 +142,8 @@ def row_prompt(
     - `chat_template_kwargs`: passed to `apply_chat_template`.
     - `bos`: the BOS text plain prompts start with (`""` for tokenizers that add none).
     - `where`: names the row in messages.
+    - `generation_prompt`: `False` leaves a chat prompt's assistant turn unopened (see
+        `chat_prompt`).
 
     **Returns:**
 
@@ -152,7 +165,7 @@ def row_prompt(
         messages = [{"role": "user", "content": prompt}]
     if system and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system}, *messages]
-    return chat_text(tokenizer, messages, chat_template_kwargs)
+    return chat_text(tokenizer, messages, chat_template_kwargs, generation_prompt)
 
 
 def load_tokenizer(path: str | os.PathLike[str] | None) -> PreTrainedTokenizerBase:

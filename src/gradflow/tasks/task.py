@@ -3,7 +3,9 @@ reward and evaluation functions, all built by `build_task(config)` from `[task]`
 `[eval]` and `[model]`.
 
 - `dataset`: the user's files (`task.train` / `task.test`), prompts from `task.prompt_key`,
-  rewards from `[[reward]]`.
+  the reference from `task.answer_key`, rewards from `[[reward]]`. A file in verl's schema
+  trains as it is: its reference is `reward_model.ground_truth`, and its chat-message prompts
+  go through the chat template.
 - `arithmetic` (the embedded default) and `gsm8k`: built-in rows (`question`, `answer`) and
   built-in reward functions of the same signature (`correct`, `format`); `[[reward]]` may
   replace them.
@@ -23,6 +25,7 @@ import numpy as np
 from gradflow.assets import resolve_path
 from gradflow.config import Config, ConfigError
 from gradflow.environments.episodes import Episodes
+from gradflow.models.gguf_io import gguf_tokenizer, is_gguf, resolve_model_path
 from gradflow.rewards import functions as builtin
 from gradflow.stages import HostReward
 from gradflow.tasks.arithmetic import ArithmeticTask, generate, task_prompt
@@ -49,19 +52,27 @@ from gradflow.tasks.scoring import Scorer
 
 logger = logging.getLogger(__name__)
 
+# Where verl's data preprocessing puts a row's reference (`reward_model: {style, ground_truth}`).
+VERL_REFERENCE = "reward_model.ground_truth"
+
 
 def model_directory(path: str) -> Path:
-    """The model directory a config names, checked to exist.
+    """The model directory a config names (or its GGUF file), checked to exist.
 
     **Arguments:**
 
-    - `path`: `model.path` as written in the config.
+    - `path`: `model.path` as written in the config (`package:MODULE/FILE.gguf` names a file
+      inside an installed Python package).
 
     **Returns:**
 
-    The directory.
+    The directory, or the `.gguf` file.
     """
-    directory = resolve_path(path)
+    directory = resolve_model_path(path)
+    if is_gguf(directory):
+        if not directory.is_file():
+            raise FileNotFoundError(f"model.path {directory}: no such GGUF file")
+        return directory
     if not directory.is_dir():
         repo = f"Qwen/{directory.name}" if "qwen" in directory.name.lower() else "ORG/MODEL"
         raise FileNotFoundError(
@@ -271,6 +282,18 @@ def _builtin_rows(config: Config) -> tuple[Rows, Rows]:
     return splits[0], splits[1]
 
 
+def _reference_key(rows: Rows, answer_key: str) -> str:
+    """The column the reference comes from: `task.answer_key`, except that `"answer"` in a file
+    without such a column but with verl's `reward_model.ground_truth` (verl's schema: the
+    reference of a verl file) names that field."""
+    if answer_key != "answer" or "answer" in rows.columns:
+        return answer_key
+    verl = rows.columns.get("reward_model")
+    if verl and all(isinstance(v, dict) and "ground_truth" in v for v in verl):
+        return VERL_REFERENCE
+    return answer_key
+
+
 def _dataset_rows(config: Config) -> tuple[Rows, Rows]:
     tc = config.task
     if not tc.train or not tc.test:
@@ -285,7 +308,7 @@ def _dataset_rows(config: Config) -> tuple[Rows, Rows]:
         rows = read_rows(source, split=split, what=key).head(size)
         column(rows, tc.prompt_key, "task.prompt_key")
         if tc.answer_key:
-            answers = column(rows, tc.answer_key, "task.answer_key")
+            answers = column(rows, _reference_key(rows, tc.answer_key), "task.answer_key")
             rows = Rows({**rows.columns, "answer": answers}, rows.source)
         out.append(rows)
     return out[0], out[1]
@@ -310,7 +333,17 @@ def _environment(config: Config) -> tuple[Callable[[], object] | None, list]:
     return factory, list(getattr(probe, "schemas", []))
 
 
-def _prompt_texts(config: Config, tokenizer, rows: Rows, prompt_key: str, tools: list) -> list[str]:
+def _template(config: Config, splits: Sequence[Rows], prompt_key: str) -> str:
+    """How prompts and environment answers are written: `task.prompt_template`, except that a
+    dataset whose prompts are chat messages (verl's and TRL's conversational schema) goes
+    through the chat template, the only way messages can be written."""
+    messages = any(isinstance(p, list) for rows in splits for p in rows.columns[prompt_key])
+    return "chat" if config.task.name == "dataset" and messages else config.task.prompt_template
+
+
+def _prompt_texts(
+    config: Config, tokenizer, rows: Rows, prompt_key: str, tools: list, template: str
+) -> list[str]:
     tc = config.task
     prompts = rows.columns[prompt_key]
     if tc.name == "arithmetic":
@@ -319,14 +352,20 @@ def _prompt_texts(config: Config, tokenizer, rows: Rows, prompt_key: str, tools:
     kwargs = dict(tc.chat_template_kwargs)
     if tools:
         kwargs["tools"] = tools
+    opened = not config.environment.class_  # multi-turn: the environment opens the model's turn
     if tc.name == "gsm8k":
         instruction = tc.instruction or DEFAULT_INSTRUCTION
-        if tc.prompt_template == "plain":
+        if template == "plain":
             return [bos + plain_prompt(q, instruction) for q in prompts]
         system = tc.system or DEFAULT_SYSTEM
         return [
             chat_prompt(
-                tokenizer, q, system=system, instruction=instruction, chat_template_kwargs=kwargs
+                tokenizer,
+                q,
+                system=system,
+                instruction=instruction,
+                chat_template_kwargs=kwargs,
+                generation_prompt=opened,
             )
             for q in prompts
         ]
@@ -334,11 +373,12 @@ def _prompt_texts(config: Config, tokenizer, rows: Rows, prompt_key: str, tools:
         row_prompt(
             tokenizer,
             prompt,
-            template=tc.prompt_template,
+            template=template,
             system=tc.system,
             chat_template_kwargs=kwargs,
             bos=bos,
             where=f"{rows.source} row {i}",
+            generation_prompt=opened,
         )
         for i, prompt in enumerate(prompts)
     ]
@@ -398,13 +438,17 @@ def build_task(config: Config) -> Task:
     tc = config.task
     model_dir = None
     if config.model.path:
-        model_dir = resolve_path(config.model.path)
+        model_dir = resolve_model_path(config.model.path)
         if config.model.init == "pretrained":
             model_dir = model_directory(config.model.path)
-        elif not model_dir.is_dir():
+        elif not (model_dir.is_dir() or is_gguf(model_dir) and model_dir.is_file()):
             model_dir = None  # random weights: a model directory is optional
     tokenizer_path = config.model.tokenizer or (str(model_dir) if model_dir else None)
-    tokenizer = load_tokenizer(resolve_path(tokenizer_path) if tokenizer_path else None)
+    tokenizer_path = resolve_model_path(tokenizer_path) if tokenizer_path else None
+    if tokenizer_path is not None and is_gguf(tokenizer_path):
+        tokenizer = gguf_tokenizer(tokenizer_path)  # a GGUF file's own tokenizer
+    else:
+        tokenizer = load_tokenizer(tokenizer_path)
     if tc.name == "dataset":
         train, test = _dataset_rows(config)
         prompt_key = tc.prompt_key
@@ -436,19 +480,20 @@ def build_task(config: Config) -> Task:
     functions = tuple(dict.fromkeys((*rewards, *evaluations)))
     scorer = Scorer(functions, workers=tc.reward_workers, timeout_s=tc.reward_timeout_s)
     environment, tools = _environment(config)
+    template = _template(config, (train, test), prompt_key)
     task = Task(
         tokenizer=tokenizer,
         train=train,
         test=test,
         train_prompts=tokenize_prompts(
             tokenizer,
-            _prompt_texts(config, tokenizer, train, prompt_key, tools),
+            _prompt_texts(config, tokenizer, train, prompt_key, tools, template),
             max_tokens=tc.max_prompt_tokens,
             split="train",
         ),
         test_prompts=tokenize_prompts(
             tokenizer,
-            _prompt_texts(config, tokenizer, test, prompt_key, tools),
+            _prompt_texts(config, tokenizer, test, prompt_key, tools, template),
             max_tokens=tc.max_prompt_tokens,
             split="test",
         ),
@@ -459,7 +504,7 @@ def build_task(config: Config) -> Task:
         eos_token_ids=_eos_ids(tokenizer, model_dir),
         pad_token_id=int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0),
         environment=environment,
-        prompt_template=tc.prompt_template,
+        prompt_template=template,
         chat_template_kwargs=dict(tc.chat_template_kwargs),
     )
     probe_rows = list(range(min(2, len(train))))
