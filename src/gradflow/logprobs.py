@@ -7,6 +7,7 @@ runs on packed rows (`gradflow.packing`) and gives the same per-token values.
 """
 
 import dataclasses
+
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
