@@ -227,7 +227,7 @@ def test_a_completion_that_does_not_see_its_prompt_gets_other_values():
     packed = pack(IDS, FULL_MASK, PROMPT_LEN, LAYOUTS["shared"])
     broken = eqx.tree_at(lambda p: p.prefixes, packed, packed.segments)
 
-    def forward(ids, segments, prefixes, positions):
+    def forward(ids, segments, prefixes, positions, block):
         return MODEL.hidden_states(
             ids, segments > 0, segment_ids=segments, prefix_ids=prefixes, positions=positions
         )
