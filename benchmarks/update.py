@@ -1,12 +1,20 @@
-"""The update phase of one GRPO step, packed (`algorithm.packing = true`) against padded, side
-by side in the same run, with the same gradients.
+"""The update phase of one GRPO step, packed with shared prompts (the default: each group's
+prompt once), packed without (`algorithm.share_prompts = false`) and padded
+(`algorithm.packing = false`), side by side in the same run, with the same gradients.
 
 The rollout stage hands back fixed completions whose lengths are spread uniformly over
 `--min-fraction … 100 %` of `--new-tokens` (EOS-terminated), so the compiled step is the update
 phase alone (reward, advantages, reference log-probs, the epochs × minibatches × micro-batches
 scan); the reward is a cheap jittable function of the tokens. The policy optimizer is plain SGD
 with learning rate 1, so each side's parameter change is its gradient: the run prints the
-largest difference between the two relative to the largest gradient entry.
+largest difference to the padded one relative to the largest gradient entry. The token count
+of each layout is the positions its forward pass holds real tokens in (padded: every slot).
+
+    python benchmarks/update.py --config benchmarks/qwen2_small.config.json --prompt-len 150 \\
+        --new-tokens 96 --group 4 --prompts 8 --micro-batches 1   # prompts: most of the tokens
+
+Packed rows hold `--pack-tokens` slots; rows with shared prompts `--shared-pack-tokens`, by
+default `prompt_len + group × new_tokens`, so that every group fits a row and shares its prompt.
 
     python benchmarks/update.py                 # the CPU comparison of BENCHMARKS.md
     python benchmarks/update.py --config src/gradflow/assets/qwen2/qwen2-1.5b-instruct.config.json \\
@@ -35,6 +43,7 @@ from gradflow.algorithms import make
 from gradflow.batch import Prompts
 from gradflow.models import init_from_config
 from gradflow.optim import Optimizer
+from gradflow.packing import Packing, pack
 from gradflow.rollout import Completions
 from gradflow.stages import AbstractReward, AbstractRollout, RewardOutput
 from gradflow.state import init_state
@@ -98,6 +107,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--min-fraction", type=float, default=0.1)
     parser.add_argument("--micro-batches", type=int, default=2)
     parser.add_argument("--pack-tokens", type=int, help="slots per packed row (default derived)")
+    parser.add_argument(
+        "--shared-pack-tokens",
+        type=int,
+        help="slots per row with shared prompts (default: prompt_len + group × new_tokens, a "
+        "row every group fits)",
+    )
     parser.add_argument("--logprob-chunk", type=int, default=32)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--compute-dtype", choices=("float32", "bfloat16"))
@@ -155,7 +170,38 @@ def flat(model) -> np.ndarray:
     return np.concatenate([np.asarray(x, np.float32).ravel() for x in leaves])
 
 
-def run(args, policy, prompts, completions, packing: bool) -> dict:
+LAYOUTS = {
+    "padded": dict(packing=False),
+    "packed": dict(share_prompts=False),
+    "shared prompts": dict(),
+}
+
+
+def row_tokens(args, layout: str) -> int | None:
+    """The slots per packed row of `layout`."""
+    if layout != "shared prompts":
+        return args.pack_tokens
+    return args.shared_pack_tokens or args.prompt_len + args.group * args.new_tokens
+
+
+def tokens_per_update(args, prompts, completions, layout: str) -> int:
+    """The positions of one update's forward pass (over all its micro-batches) that hold a real
+    token: every slot padded; the packed tokens otherwise."""
+    ids = jnp.concatenate([jnp.repeat(prompts.ids, args.group, 0), completions.tokens], 1)
+    mask = jnp.concatenate([jnp.repeat(prompts.mask, args.group, 0), completions.mask], 1)
+    if layout == "padded":
+        return int(ids.size)
+    packing = Packing(tokens=row_tokens(args, layout), share_prompts=layout == "shared prompts")
+    count = 0
+    for part_ids, part_mask in zip(
+        jnp.split(ids, args.micro_batches), jnp.split(mask, args.micro_batches), strict=True
+    ):
+        packed = pack(part_ids, part_mask, args.prompt_len, packing)
+        count += int(jnp.sum(packed.segments > 0))
+    return count
+
+
+def run(args, policy, prompts, completions, layout: str) -> dict:
     algorithm = make(
         "grpo",
         reward=EvenTokens(),
@@ -164,8 +210,8 @@ def run(args, policy, prompts, completions, packing: bool) -> dict:
         max_new_tokens=args.new_tokens,
         micro_batches=args.micro_batches,
         logprob_chunk=args.logprob_chunk,
-        packing=packing,
-        pack_tokens=args.pack_tokens,
+        pack_tokens=row_tokens(args, layout),
+        **LAYOUTS[layout],
     )
     algorithm = eqx.tree_at(
         lambda a: a.rollout, algorithm, FixedRollout(completions, algorithm.rollout)
@@ -183,8 +229,13 @@ def run(args, policy, prompts, completions, packing: bool) -> dict:
             change = flat(policy) - flat(state.policy)
         else:
             times.append(elapsed)
-        print(f"  {'packed' if packing else 'padded'} step {i}: {elapsed:.3f} s", file=sys.stderr)
-    return {"first_s": first, "median_s": statistics.median(times), "grad": change}
+        print(f"  {layout} step {i}: {elapsed:.3f} s", file=sys.stderr)
+    return {
+        "first_s": first,
+        "median_s": statistics.median(times),
+        "grad": change,
+        "tokens": tokens_per_update(args, prompts, completions, layout),
+    }
 
 
 def main(argv=None) -> None:
@@ -207,19 +258,22 @@ def main(argv=None) -> None:
         f"padded {total}/row; {args.micro_batches} micro-batches, {args.dtype} params, "
         f"{args.compute_dtype or args.dtype} compute"
     )
-    padded = run(args, policy, prompts, completions, packing=False)
-    packed = run(args, policy, prompts, completions, packing=True)
+    results = {layout: run(args, policy, prompts, completions, layout) for layout in LAYOUTS}
+    padded = results["padded"]
     scale = np.max(np.abs(padded["grad"]))
-    gap = np.max(np.abs(packed["grad"] - padded["grad"])) / scale
     print()
-    print("| update | first step (compile) s | median s | speed-up |")
-    print("|---|---|---|---|")
-    for name, r in (("padded", padded), ("packed", packed)):
+    print("| update | tokens | first step (compile) s | median s | speed-up | grad gap |")
+    print("|---|---|---|---|---|---|")
+    for name, r in results.items():
+        gap = np.max(np.abs(r["grad"] - padded["grad"])) / scale
         print(
-            f"| {name} | {r['first_s']:.2f} | {r['median_s']:.3f} | "
-            f"{padded['median_s'] / r['median_s']:.2f}× |"
+            f"| {name} | {r['tokens']} | {r['first_s']:.2f} | {r['median_s']:.3f} | "
+            f"{padded['median_s'] / r['median_s']:.2f}× | {gap:.1e} |"
         )
-    print(f"\nmax |grad packed − grad padded| / max |grad| = {gap:.1e}; load {machine()}")
+    print(
+        "\ngrad gap: max |grad − grad padded| / max |grad padded|; tokens: the positions an "
+        f"update's forward pass holds real tokens in; load {machine()}"
+    )
 
 
 if __name__ == "__main__":

@@ -655,6 +655,7 @@ class CISPO(AbstractLoss):
     logprob_chunk: int = 32
     packing: bool = True
     pack_tokens: int | None = None
+    share_prompts: bool = True
     mask_truncated: bool = False
     needs_reference: bool = False
     needs_old_logprobs: bool = False

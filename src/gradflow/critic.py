@@ -62,7 +62,9 @@ class Critic(eqx.Module):
         if packing is not None:
             packed = pack(input_ids, attention_mask, prompt_len, packing)
             hidden = packed_hidden(
-                lambda ids, seg, _block: self.backbone.hidden_states(ids, seg > 0, segment_ids=seg),
+                lambda ids, seg, prefixes, positions, _block: self.backbone.hidden_states(
+                    ids, seg > 0, segment_ids=seg, prefix_ids=prefixes, positions=positions
+                ),
                 packed,
             )
             return jnp.where(packed.present, self._head(hidden), 0.0)

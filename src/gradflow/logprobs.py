@@ -6,6 +6,8 @@ vocabulary that tensor is what makes TRL run out of memory). With a `Packing` th
 runs on packed rows (`gradflow.packing`) and gives the same per-token values.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
@@ -47,10 +49,16 @@ def completion_logprobs(
     """
     targets = input_ids[:, prompt_len:]
     if packing is not None:
+        if model.lora is not None and model.lora.dropout_key is not None:
+            # LoRA dropout draws a mask per sequence, prompt included (as padded rows do): a
+            # prompt shared by G completions would get one mask for all of them.
+            packing = dataclasses.replace(packing, share_prompts=False)
         packed = pack(input_ids, attention_mask, prompt_len, packing)
         hidden = packed_hidden(
-            lambda ids, segments, block: model.fold_in_dropout(block).hidden_states(
-                ids, segments > 0, segment_ids=segments
+            lambda ids, segments, prefixes, positions, block: model.fold_in_dropout(
+                block
+            ).hidden_states(
+                ids, segments > 0, segment_ids=segments, prefix_ids=prefixes, positions=positions
             ),
             packed,
         )

@@ -112,7 +112,9 @@ def _packing(algorithm: Algorithm, mesh: Mesh | None) -> Packing | None:
     if not algorithm.loss.packing:
         return None
     shards = 1 if mesh is None else batch_size_divisor(mesh)
-    return Packing(tokens=algorithm.loss.pack_tokens, shards=shards)
+    return Packing(
+        tokens=algorithm.loss.pack_tokens, shards=shards, share_prompts=algorithm.loss.share_prompts
+    )
 
 
 def _nonfinite(tree) -> Bool[Array, ""]:

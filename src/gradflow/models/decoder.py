@@ -268,14 +268,17 @@ class Decoder(eqx.Module):
         attention_mask: Bool[Array, "batch time"] | Int[Array, "batch time"],
         keep_cache: bool,
         segment_ids: Int[Array, "batch time"] | None = None,
+        prefix_ids: Int[Array, "batch time"] | None = None,
+        positions: Int[Array, "batch time"] | None = None,
     ) -> tuple[Float[Array, "batch time hidden"], tuple | None]:
         """The residual stream after the last layer (not final-normed), and every layer's keys
         and values (stacked) when `keep_cache`."""
         config = self.config
         b, t = input_ids.shape
-        if segment_ids is None:
+        given = positions
+        if positions is None and segment_ids is None:
             positions = positions_from_mask(attention_mask)
-        else:
+        elif positions is None:
             positions = positions_from_segments(segment_ids)
         cos, sin = rotary_tables(config, positions)
         query_index = jnp.broadcast_to(jnp.arange(t), (b, t))
@@ -310,6 +313,8 @@ class Decoder(eqx.Module):
                     config.attention_scale,
                     self.attention_impl,
                     segment_ids,
+                    prefix_ids,
+                    given,
                 )
             return layer.finish(h, out, config), (k, v) if keep_cache else None
 
@@ -324,6 +329,8 @@ class Decoder(eqx.Module):
         input_ids: Int[Array, "batch time"],
         attention_mask: Bool[Array, "batch time"] | Int[Array, "batch time"],
         segment_ids: Int[Array, "batch time"] | None = None,
+        prefix_ids: Int[Array, "batch time"] | None = None,
+        positions: Int[Array, "batch time"] | None = None,
     ) -> Float[Array, "batch time hidden"]:
         """The final-normed hidden states of a full forward pass (no cache).
 
@@ -334,12 +341,18 @@ class Decoder(eqx.Module):
         - `segment_ids`: for packed rows, the sequence each slot belongs to (its slots
           contiguous): attention stays inside a segment and positions restart in each
           (`gradflow.packing`); `None`: one sequence per row, positions from the mask.
+        - `prefix_ids`: with `segment_ids`, the segment each slot sees besides its own (a
+          completion: the prompt it continues, packed once for the completions sharing it).
+        - `positions`: with `segment_ids`, each slot's position (`None`: restarting at 0 in
+          each segment); sliding windows then count positions.
 
         **Returns:**
 
         Hidden states in `compute_dtype`.
         """
-        h, _ = self._run_layers(input_ids, attention_mask, False, segment_ids)
+        h, _ = self._run_layers(
+            input_ids, attention_mask, False, segment_ids, prefix_ids, positions
+        )
         return norm(h, self.final_norm, self.config)
 
     def logits(self, hidden: Float[Array, "*batch hidden"]) -> Float[Array, "*batch vocab"]:

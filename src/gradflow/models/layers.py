@@ -148,13 +148,17 @@ def attend(
     scale: float,
     implementation: str | None = None,
     segment_ids: Int[Array, "batch keys"] | None = None,
+    prefix_ids: Int[Array, "batch keys"] | None = None,
+    positions: Int[Array, "batch keys"] | None = None,
 ) -> Float[Array, "batch time heads head_dim"]:
     """Causal grouped-query attention over key slots `0 … keys-1`.
 
     Query `t` of row `b` sits at slot `query_index[b, t]` and sees the valid slots at or before
     it, fewer than `window` slots back (and always itself, so that padding rows stay finite);
     with `segment_ids` (packed rows, where queries and keys are the same slots) only the slots
-    of its own segment.
+    of its own segment and, with `prefix_ids`, those of the segment its own continues (a
+    completion: its prompt, packed once for the completions that share it), and the window
+    counts `positions`, not slots.
 
     **Arguments:**
 
@@ -165,6 +169,8 @@ def attend(
     - `scale`: the factor on query·key scores.
     - `implementation`: `None`/`"xla"`/`"cudnn"`, passed to `jax.nn.dot_product_attention`.
     - `segment_ids`: the sequence each slot belongs to (`None`: one sequence per row).
+    - `prefix_ids`: with `segment_ids`, the segment each slot also sees (`None`: none).
+    - `positions`: with `segment_ids`, each slot's position (`None`: the window counts slots).
 
     **Returns:**
 
@@ -174,7 +180,12 @@ def attend(
     distance = query_index[:, :, None] - slots[None, None, :]
     allowed = (distance >= 0) & (key_valid[:, None, :] | (distance == 0))
     if segment_ids is not None:
-        allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
+        seen = segment_ids[:, :, None] == segment_ids[:, None, :]
+        if prefix_ids is not None:
+            seen = seen | (prefix_ids[:, :, None] == segment_ids[:, None, :])
+        allowed = allowed & seen
+        if positions is not None:
+            distance = positions[:, :, None] - positions[:, None, :]
     if window is not None:
         allowed = allowed & (distance < window)
     # jax's XLA attention promotes bfloat16 against float32 internally, which strict promotion

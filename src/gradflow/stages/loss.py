@@ -124,6 +124,8 @@ class AbstractLoss(eqx.Module):
       values, each micro-batch's objective) on packed rows (`gradflow.packing`); the objective
       and metrics are the padded update's.
     - `pack_tokens`: slots per packed row (`None`: `prompt_len + max_new_tokens`).
+    - `share_prompts`: with `packing`, pack each group's prompt once, its completions attending
+      to it (exact: the same values as without; `False` only to measure or compare).
     - `mask_truncated`: drop completions without EOS from the loss (DAPO's overlong filtering).
     - `needs_reference`: whether the train state keeps a frozen reference policy.
     - `needs_old_logprobs`: whether `shape_rewards` needs the behaviour policy's log-probs
@@ -136,6 +138,7 @@ class AbstractLoss(eqx.Module):
     logprob_chunk: AbstractVar[int]
     packing: AbstractVar[bool]
     pack_tokens: AbstractVar[int | None]
+    share_prompts: AbstractVar[bool]
     mask_truncated: AbstractVar[bool]
     needs_reference: AbstractVar[bool]
     needs_old_logprobs: AbstractVar[bool]
@@ -245,7 +248,7 @@ class PolicyLoss(AbstractLoss):
     - `rollout_correction_threshold_lower`: the mask modes' lower threshold, in `[0, 1)` (0:
       none, as TRL; verl rejects below `1 / threshold`).
     - `epochs`, `minibatches`, `micro_batches`, `logprob_chunk`, `packing`, `pack_tokens`,
-      `mask_truncated`: the schedule (see `AbstractLoss`).
+      `share_prompts`, `mask_truncated`: the schedule (see `AbstractLoss`).
     - `value_clip`: the critic's value clip (used when the state has a critic).
 
     With top-k/top-p sampling each token's policy loss is also weighed by the probability mass
@@ -276,6 +279,7 @@ class PolicyLoss(AbstractLoss):
     logprob_chunk: int = 32
     packing: bool = True
     pack_tokens: int | None = None
+    share_prompts: bool = True
 
     def __check_init__(self):
         checks = {
