@@ -36,7 +36,7 @@ def test_gpu_script_runs_every_part_in_tiny_mode(tmp_path):
     assert "Traceback" not in output, output[-4000:]
     tables = [line for line in output.splitlines() if line.startswith("| ")]
     # The rollout table (gradflow, with LoRA, HF generate), group, step, update and delivery.
-    for name in ("| gradflow |", "| gradflow, LoRA r=32 |", "| hf |", "| packed", "exit status"):
+    for name in ("| gradflow |", "| gradflow, LoRA r=32 |", "| hf |", "| packed", "| exit status"):
         assert any(line.startswith(name) for line in tables), (name, output[-4000:])
     assert "| exit status | 0 |" in tables, output[-4000:]
     assert "| tracebacks in the log | 0 |" in tables, output[-4000:]
