@@ -34,7 +34,7 @@ from .layers import (
     norm,
     softcap,
 )
-from .lora import LoraAdapters
+from .lora import LoraAdapters, adapted
 from .rope import rotary_tables
 
 
@@ -94,9 +94,7 @@ class DecodingLayer(AbstractDecoderLayer):
         )
 
     def _adapted(self, name: str, x, y):
-        """`y` plus projection `name`'s adapter term in `x` (`y` where it has none)."""
-        delta = None if self.lora is None else self.lora.delta(name, x)
-        return y if delta is None else y + delta
+        return adapted(self.lora, name, x, y)
 
     def project_qkv(
         self, x: Float[Array, "*batch hidden"]

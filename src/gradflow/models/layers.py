@@ -17,7 +17,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from .config import ModelConfig
-from .lora import LoraAdapters
+from .lora import LoraAdapters, adapted
 from .rope import apply_rotary
 
 ACTIVATIONS = {
@@ -446,9 +446,7 @@ class DecoderLayer(AbstractDecoderLayer):
         )
 
     def _project(self, name: str, x, bias=None):
-        y = linear(x, getattr(self, name), bias)
-        delta = None if self.lora is None else self.lora.delta(name, x)
-        return y if delta is None else y + delta
+        return adapted(self.lora, name, x, linear(x, getattr(self, name), bias))
 
     def project_qkv(
         self, x: Float[Array, "*batch hidden"]

@@ -208,6 +208,30 @@ class LoraAdapters(eqx.Module):
         return (weight.astype(jnp.float32) + self.scale * product).astype(weight.dtype)
 
 
+def adapted(
+    lora: "LoraAdapters | None",
+    name: str,
+    x: Float[Array, "*batch fan_in"],
+    y: Float[Array, "*batch fan_out"],
+) -> Float[Array, "*batch fan_out"]:
+    """A projection's output `y` plus its adapter term in `x` (`y` where it has none): the one
+    way training, the prefill and the decode loop apply adapters.
+
+    **Arguments:**
+
+    - `lora`: the layer's adapters, or `None`.
+    - `name`: the projection.
+    - `x`: its input.
+    - `y`: its base output (`x Wᵀ + bias`).
+
+    **Returns:**
+
+    `y + s · (x Aᵀ) Bᵀ`, or `y`.
+    """
+    delta = None if lora is None else lora.delta(name, x)
+    return y if delta is None else y + delta
+
+
 def projection_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
     """Each projection's `(out, in)` shape.
 
