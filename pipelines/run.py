@@ -130,6 +130,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as error:
+        from gradflow.memory import out_of_memory_message
+
+        message = out_of_memory_message(error)
+        if message is None or os.environ.get("GRADFLOW_DEBUG"):
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 1
     import jax
 
     if jax.process_index() == 0:

@@ -32,8 +32,10 @@ def test_sampling_settings_are_validated(bad):
 
 
 def test_gsm8k_only_task_keys_are_rejected_for_arithmetic():
-    with pytest.raises(ConfigError, match="task.prompt_template applies to"):
-        load_config("configs/grpo.toml", ["task.prompt_template='chat'"])
+    with pytest.raises(ConfigError, match="task.source applies to task.name = 'gsm8k'"):
+        load_config("configs/grpo.toml", ["task.source='hub'"])
+    with pytest.raises(ConfigError, match="task.max_value applies to task.name = 'arithmetic'"):
+        load_config("configs/gsm8k/qwen25_0p5b_grpo.toml", ["task.max_value=9"])
 
 
 def test_update_batch_must_divide_into_minibatches_before_loading(tmp_path):

@@ -2,6 +2,7 @@
 math grading, the worker pool, and every bad input the issue lists."""
 
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -251,6 +252,57 @@ def test_chat_prompts_give_message_completions(root):
     assert batch.prompts == [messages]
     assert batch.completions == [[{"role": "assistant", "content": "#### 2"}]]
     np.testing.assert_array_equal(task.scorer.score(batch, [0])[0], [[1.0]])
+
+
+def _arithmetic(root: Path, **task) -> dict:
+    return {
+        "model": {"path": "gradflow:toy-arith", "tokenizer": str(_chat_tokenizer(root))},
+        "task": {"name": "arithmetic", "train_size": 300, "test_size": 30, **task},
+        "algorithm": {"name": "grpo"},
+    }
+
+
+def test_arithmetic_questions_as_chat(root):
+    """The arithmetic task's knobs shape its questions, and with `prompt_template = "chat"` each
+    question is one user turn (with the instruction) through the chat template, graded
+    flexibly as GSM8K answers are."""
+    raw = _arithmetic(
+        root,
+        num_operands=[2, 2],
+        max_value=9,
+        operators="+",
+        prompt_template="chat",
+        system="be brief",
+        instruction="answer with the number only",
+        reward_mode="flexible",
+        train_size=60,
+        test_size=5,
+    )
+    task = build_task(build_config(raw))
+    questions = task.train.columns["question"]
+    assert len(questions) == 60
+    for question in questions:
+        a, b = re.fullmatch(r"(\d)\+(\d)=\?", question).groups()
+    prompts = task.train_prompts
+    text = task.tokenizer.decode(prompts.ids[-1][prompts.mask[-1].astype(bool)])
+    assert text == f"system be brief\nuser {question}\nanswer with the number only\nassistant "
+    right = task.tokenizer.encode(f"{a}+{b} = {int(a) + int(b)}", add_special_tokens=False)
+    wrong = task.tokenizer.encode(f"{int(a) + int(b) + 1}", add_special_tokens=False)
+    batch = task.batch(task.train, [59, 59], [right, wrong])
+    np.testing.assert_array_equal(task.scorer.score(batch, [0])[0], [[1.0, 0.0]])
+    plain = build_task(build_config(_arithmetic(root, train_size=20, test_size=5)))
+    assert plain.tokenizer.decode(plain.train_prompts.ids[0][plain.train_prompts.mask[0]]) == (
+        plain.train.columns["question"][0] + "\n"
+    )
+
+
+def test_arithmetic_knobs_are_checked(root):
+    with pytest.raises(ConfigError, match="task] arithmetic: operators"):
+        build_task(build_config(_arithmetic(root, operators="*")))
+    with pytest.raises(ConfigError, match="num_operands"):
+        build_task(build_config(_arithmetic(root, num_operands=[1, 2])))
+    with pytest.raises(ConfigError, match="task.max_value applies to task.name = 'arithmetic'"):
+        build_config({**_raw(root), "task": {**_raw(root)["task"], "max_value": 9}})
 
 
 def test_every_format_reads_the_same_rows(root):

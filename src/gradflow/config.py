@@ -55,7 +55,7 @@ class ModelConfig:
     tokenizer: str = ""
     dtype: str = "float32"
     compute_dtype: str = ""
-    remat: str = "none"
+    remat: str = "auto"
     scan_layers: bool = True
     lora: LoraConfig | None = None
 
@@ -74,6 +74,9 @@ class TaskConfig:
     answer_key: str = "answer"
     train_size: int = 20000
     test_size: int = 500
+    num_operands: list = dataclasses.field(default_factory=lambda: [2, 3])
+    max_value: int = 99
+    operators: str = "+-"
     prompt_template: str = "plain"
     system: str = ""
     chat_template_kwargs: dict = dataclasses.field(default_factory=dict)
@@ -157,22 +160,22 @@ class MeshConfig:
     tensor: int = 1
 
 
+# The [task] keys that configure the built-in rewards, which [[reward]] replaces.
+BUILTIN_REWARD_KEYS = ("reward_mode", "correct_weight", "format_weight")
+# The [task] keys of prompts written through the chat template.
+CHAT_KEYS = ("prompt_template", "system", "chat_template_kwargs")
 # The [task] keys each task reads besides name, train_size, test_size, max_prompt_tokens and the
 # reward pool's settings.
 TASK_KEYS: dict[str, tuple[str, ...]] = {
-    "arithmetic": ("reward_mode", "correct_weight", "format_weight"),
-    "gsm8k": (
-        "source",
-        "train",
-        "test",
-        "prompt_template",
-        "system",
-        "chat_template_kwargs",
+    "arithmetic": (
+        "num_operands",
+        "max_value",
+        "operators",
+        *CHAT_KEYS,
         "instruction",
-        "reward_mode",
-        "correct_weight",
-        "format_weight",
+        *BUILTIN_REWARD_KEYS,
     ),
+    "gsm8k": ("source", "train", "test", *CHAT_KEYS, "instruction", *BUILTIN_REWARD_KEYS),
     "dataset": (
         "train",
         "test",
@@ -180,13 +183,9 @@ TASK_KEYS: dict[str, tuple[str, ...]] = {
         "test_split",
         "prompt_key",
         "answer_key",
-        "prompt_template",
-        "system",
-        "chat_template_kwargs",
+        *CHAT_KEYS,
     ),
 }
-# The [task] keys that configure the built-in rewards, which [[reward]] replaces.
-BUILTIN_REWARD_KEYS = ("reward_mode", "correct_weight", "format_weight")
 
 SECTIONS: dict[str, type] = {
     "run": RunConfig,
@@ -206,7 +205,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.init": ("pretrained", "random"),
     "model.dtype": ("float32", "bfloat16"),
     "model.compute_dtype": ("", "float32", "bfloat16"),
-    "model.remat": ("none", "full", "dots"),
+    "model.remat": ("auto", "none", "full", "dots"),
     "task.name": ("arithmetic", "gsm8k", "dataset"),
     "task.source": ("local", "hub"),
     "task.prompt_template": ("plain", "chat"),

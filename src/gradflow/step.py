@@ -293,6 +293,27 @@ def step(
     return _compiled_step((algorithm, prompts, key, mesh), state)
 
 
+def lower_step(
+    algorithm: Algorithm,
+    state: TrainState,
+    prompts: Prompts,
+    key: PRNGKeyArray,
+    *,
+    mesh: Mesh | None = None,
+):
+    """`step` lowered for these inputs without running it (to compile it and read its memory).
+
+    **Arguments:**
+
+    As for `step`.
+
+    **Returns:**
+
+    JAX's `jax.stages.Lowered` (`.compile().memory_analysis()`).
+    """
+    return _compiled_step.lower((algorithm, prompts, key, mesh), state).lowered
+
+
 @eqx.filter_jit(donate="all-except-first")
 def _compiled_step(inputs, state: TrainState) -> tuple[TrainState, dict[str, Array]]:
     algorithm, prompts, key, mesh = inputs

@@ -40,7 +40,9 @@ from .checkpoint import (
 from .compilation_cache import enable_compilation_cache
 from .config import Config, ConfigError
 from .evaluate import evaluate, evaluation_turns
+from .memory import as_remat, plan_memory
 from .models import (
+    Decoder,
     ModelConfig,
     base_fingerprint,
     init_from_config,
@@ -55,6 +57,7 @@ from .plots import plot_curves
 from .run_log import RunLogger
 from .sharding import batch_size_divisor, check_batch, make_mesh, shard_prompts, shard_state
 from .state import TrainState, init_state
+from .step import lower_step
 from .step import step as rl_step
 from .tasks.task import Task, build_task, model_directory
 
@@ -130,7 +133,7 @@ def load_policy(config: Config):
     return dataclasses.replace(
         policy,
         compute_dtype=jnp.dtype(compute).name,
-        remat=mc.remat,
+        remat=as_remat(mc.remat),
         scan_layers=mc.scan_layers,
     )
 
@@ -273,6 +276,26 @@ def check_layout(config: Config, task: Task, policy, algorithm: Algorithm, mesh,
         )
 
 
+def with_remat(state: TrainState, remat: str) -> TrainState:
+    """The state with every model in it (the policy, a critic's backbone, a reference, and the
+    optimizer states shaped like them) checkpointing its layers as `remat` says.
+
+    **Arguments:**
+
+    - `state`: the train state.
+    - `remat`: `"none"`, `"full"` or `"dots"`.
+
+    **Returns:**
+
+    The same arrays under the new setting.
+    """
+
+    def one(node):
+        return dataclasses.replace(node, remat=remat) if isinstance(node, Decoder) else node
+
+    return jax.tree.map(one, state, is_leaf=lambda node: isinstance(node, Decoder))
+
+
 def build_state(
     config: Config, algorithm: Algorithm, policy, mesh, start: resume.Resume
 ) -> TrainState:
@@ -338,6 +361,7 @@ class Trainer:
         self.eval_turns = evaluation_turns(self.task, held_out, config.environment)
         check_layout(config, self.task, policy, self.algorithm, self.mesh, self._print)
         self.state = build_state(config, self.algorithm, policy, self.mesh, self.resume)
+        self.algorithm, self.state = self._plan_memory()
         self.base = _base_fingerprint(self.state)
         if self.resume.resumed:
             self._print(f"resuming from {self.resume.checkpoint} (step {self.resume.step})")
@@ -348,6 +372,34 @@ class Trainer:
         resumed_step = self.resume.step if self.resume.resumed else None
         self.log = RunLogger(run_dir, config, resumed_step=resumed_step, write=self.main_process)
         self.interrupted = False
+
+    def _plan_memory(self) -> tuple[Algorithm, TrainState]:
+        """The algorithm and state with `model.remat = "auto"` and an unset
+        `algorithm.micro_batches` sized from the memory free (`gradflow.memory`)."""
+        remat = self.config.model.remat
+        micro_batches = self.config.hyperparameters.get("micro_batches")
+        if remat != "auto" and micro_batches is not None:
+            return self.algorithm, self.state
+        prompts, key = self._prompts(0), jax.random.key(0)
+
+        def configured(remat: str, micro_batches: int) -> tuple[Algorithm, TrainState]:
+            loss = dataclasses.replace(self.algorithm.loss, micro_batches=micro_batches)
+            return dataclasses.replace(self.algorithm, loss=loss), with_remat(self.state, remat)
+
+        def lower(remat: str, micro_batches: int):
+            return lower_step(*configured(remat, micro_batches), prompts, key, mesh=self.mesh)
+
+        loss, rollout = self.algorithm.loss, self.algorithm.rollout
+        plan = plan_memory(
+            lower,
+            self.state.policy.config,
+            remat=remat,
+            micro_batches=micro_batches,
+            rows=self.config.train.prompts_per_step * rollout.group_size // loss.minibatches,
+            length=self.task.train_prompts.ids.shape[1] + rollout.max_new_tokens,
+        )
+        self._print(plan.describe())
+        return configured(plan.remat, plan.micro_batches)
 
     def _print(self, message: str) -> None:
         if self.main_process:

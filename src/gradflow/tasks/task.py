@@ -268,7 +268,12 @@ def _bos_text(tokenizer) -> str:
 def _builtin_rows(config: Config) -> tuple[Rows, Rows]:
     tc = config.task
     if tc.name == "arithmetic":
-        spec = ArithmeticTask()
+        try:
+            spec = ArithmeticTask(
+                num_operands=tuple(tc.num_operands), max_value=tc.max_value, operators=tc.operators
+            )
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"[task] arithmetic: {e}") from None
         train = generate(spec, tc.train_size, seed=config.run.seed, split="train")
         test = generate(spec, tc.test_size, seed=config.run.seed + 1, split="test")
         return Rows.from_problems(train, "arithmetic"), Rows.from_problems(test, "arithmetic")
@@ -346,14 +351,14 @@ def _prompt_texts(
 ) -> list[str]:
     tc = config.task
     prompts = rows.columns[prompt_key]
-    if tc.name == "arithmetic":
+    if tc.name == "arithmetic" and template == "plain":
         return [task_prompt(q) for q in prompts]
     bos = _bos_text(tokenizer)
     kwargs = dict(tc.chat_template_kwargs)
     if tools:
         kwargs["tools"] = tools
     opened = not config.environment.class_  # multi-turn: the environment opens the model's turn
-    if tc.name == "gsm8k":
+    if tc.name in ("gsm8k", "arithmetic"):
         instruction = tc.instruction or DEFAULT_INSTRUCTION
         if template == "plain":
             return [bos + plain_prompt(q, instruction) for q in prompts]
