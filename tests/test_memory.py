@@ -13,12 +13,15 @@ import sys
 from types import SimpleNamespace
 
 import jax
+import jax.numpy as jnp
 import pytest
 from child_run import ROOT, tiny_config
 
 from gradflow import memory
 from gradflow.config import load_config
 from gradflow.memory import MemoryPlanError, out_of_memory_message, plan_memory
+from gradflow.models import Decoder
+from gradflow.step import step
 from gradflow.train import Trainer, run_directory, with_remat
 
 SHAPE = SimpleNamespace(  # the fields activation_estimate reads
@@ -142,3 +145,26 @@ def _config(tmp_path, **train):
     return tiny_config(
         tmp_path, tmp_path / "run", train={"steps": 2, "prompts_per_step": 8, **train}
     )
+
+
+def test_with_remat_changes_every_model_of_a_lora_state(tmp_path):
+    """A LoRA state's optimizer holds Decoder-shaped trees with nothing where the base is
+    frozen: the setting changes there too, and the step runs under it."""
+    config = load_config(
+        tiny_config(
+            tmp_path,
+            tmp_path / "run",
+            model={"lora": {"rank": 2, "alpha": 4}},
+            train={"steps": 1, "prompts_per_step": 8},
+        )
+    )
+    trainer = Trainer(config, run_directory(config, "lora"))
+    state = with_remat(trainer.state, "full")
+    decoders = jax.tree.leaves(state, is_leaf=lambda node: isinstance(node, Decoder))
+    remats = {node.remat for node in decoders if isinstance(node, Decoder)}
+    assert remats == {"full"} and len([d for d in decoders if isinstance(d, Decoder)]) > 1
+    state, metrics = step(
+        trainer.algorithm, state, trainer._prompts(0), jax.random.key(0), mesh=trainer.mesh
+    )
+    assert state.policy.remat == "full" and bool(jnp.isfinite(metrics["loss/total"]))
+    trainer.task.close()

@@ -76,7 +76,9 @@ def free_bytes_per_device() -> int:
     else:
         free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // len(devices)
     if jax.process_count() > 1:  # every process must make the same plan
-        free = int(np.min(multihost_utils.process_allgather(np.int64(free))))
+        # In MiB as float32: without jax_enable_x64 an int64 would be gathered as int32.
+        mib = multihost_utils.process_allgather(np.float32(free / 2**20))
+        free = int(np.min(mib)) * 2**20
     return free
 
 

@@ -11,6 +11,7 @@ the PEFT adapter in `adapter/`, and checkpoints without the frozen base). Ctrl-C
 the step in flight, saves a checkpoint and exits with status 130 (a second Ctrl-C stops at once).
 """
 
+import copy
 import dataclasses
 import json
 import logging
@@ -291,7 +292,13 @@ def with_remat(state: TrainState, remat: str) -> TrainState:
     """
 
     def one(node):
-        return dataclasses.replace(node, remat=remat) if isinstance(node, Decoder) else node
+        if not isinstance(node, Decoder):
+            return node
+        # Set on a copy rather than through __init__: the optimizer states' Decoder-shaped trees
+        # hold None where nothing is trained, which the constructor's type checks refuse.
+        changed = copy.copy(node)
+        object.__setattr__(changed, "remat", remat)
+        return changed
 
     return jax.tree.map(one, state, is_leaf=lambda node: isinstance(node, Decoder))
 
@@ -399,6 +406,8 @@ class Trainer:
             length=self.task.train_prompts.ids.shape[1] + rollout.max_new_tokens,
         )
         self._print(plan.describe())
+        if (plan.remat, plan.micro_batches) == (self.state.policy.remat, loss.micro_batches):
+            return self.algorithm, self.state
         return configured(plan.remat, plan.micro_batches)
 
     def _print(self, message: str) -> None:
